@@ -10,7 +10,8 @@ change a seeded run's final weights, so each is undone here:
   module the user froze in eval mode stays frozen (a blanket ``model.train()`` would un-freeze it).
 - ``requires_grad`` of every parameter: restored one by one.
 - buffers (BatchNorm running statistics, ``num_batches_tracked``): snapshotted, and every buffer
-  whose version counter moved (or that was replaced) is copied back.
+  that changed (or was replaced) is put back. Version counters cannot tell: the fused batch-norm
+  kernel updates running statistics without bumping them, so values are compared.
 - ``.grad``: probes use ``torch.autograd.grad`` / ``torch.func`` and never ``.backward()``. The guard
   checks each parameter's ``.grad`` identity and version and warns if a measurement broke that rule.
 - autocast is disabled and grad mode enabled inside the guard (measurements need float32+ and
@@ -54,8 +55,7 @@ def isolated(module: nn.Module, mode: Literal["eval", "train"] = "eval") -> Iter
     requires = [p.requires_grad for p in params]
     grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
     named_buffers = [(m, name, buf) for m in modules for name, buf in m.named_buffers(recurse=False)]
-    saved_buffers = [(buf, buf._version, buf.detach().clone()) if buf is not None else (None, 0, None)
-                     for _, _, buf in named_buffers]
+    saved_buffers = [None if buf is None else buf.detach().clone() for _, _, buf in named_buffers]
     np_state = np.random.get_state()
     py_state = random.getstate()
     device_type = _device_type(module)
@@ -72,13 +72,12 @@ def isolated(module: nn.Module, mode: Literal["eval", "train"] = "eval") -> Iter
         for p, flag in zip(params, requires):
             p.requires_grad_(flag)
         with torch.no_grad():
-            for (m, name, original), (buf, version, copy) in zip(named_buffers, saved_buffers):
+            for (m, name, original), copy in zip(named_buffers, saved_buffers):
                 if original is None:
                     continue
-                current = m._buffers.get(name)
-                if current is not original:
+                if m._buffers.get(name) is not original:
                     m._buffers[name] = original
-                if original._version != version:
+                if not torch.equal(original, copy):
                     original.copy_(copy)
         if any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(params, grads)):
             for p, (g, _) in zip(params, grads):

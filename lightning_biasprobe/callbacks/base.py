@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tree import detach_to, tree_leaves
-from ..functional._adapters import ForwardFn
+from ..functional._adapters import ForwardFn, default_loss, model_outputs
 from ._data import BatchCollector, ProbeSet, UnpackFn, default_unpack, from_tensors, is_map_style, \
     read_loader, read_map_dataset
 from ._guard import isolated
@@ -52,6 +52,8 @@ class ProbeLogic:
         unpack_batch: ``batch -> (inputs, targets)`` when the default (tensor, ``(x, y)`` pair,
             dict with common keys) cannot read your batches. ``targets`` may be ``None``.
         forward: ``(module, inputs) -> outputs``; default ``module(inputs)``.
+        loss_fn: ``(outputs, targets) -> scalar loss`` for probes that need a loss; default
+            cross-entropy for integer targets, mean squared error for float targets.
         every_n_steps, every_n_epochs, log_spaced, at_start, at_end, max_overhead: the cadence
             (see :class:`Cadence`). When none of the first three is given, the probe's own
             default cadence applies.
@@ -65,6 +67,7 @@ class ProbeLogic:
     default_cadence: ClassVar[dict] = {"every_n_epochs": 1}
     default_num_samples: ClassVar[int] = 256
     requires_targets: ClassVar[bool] = False
+    needs_probe_set: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -74,6 +77,7 @@ class ProbeLogic:
         stratify: bool = True,
         unpack_batch: Optional[UnpackFn] = None,
         forward: Optional[ForwardFn] = None,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         every_n_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
         log_spaced: bool = False,
@@ -92,7 +96,7 @@ class ProbeLogic:
         num_samples = self.default_num_samples if num_samples is None else num_samples
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        for arg, value in (("unpack_batch", unpack_batch), ("forward", forward)):
+        for arg, value in (("unpack_batch", unpack_batch), ("forward", forward), ("loss_fn", loss_fn)):
             if value is not None and not callable(value):
                 raise TypeError(f"{arg} must be a callable, got {type(value).__name__}")
         if mode not in ("eval", "train"):
@@ -108,6 +112,7 @@ class ProbeLogic:
         self.stratify = stratify
         self.unpack_batch: UnpackFn = unpack_batch or default_unpack
         self.forward = forward
+        self.loss_fn = loss_fn
         self.mode = mode
         self.strict = strict
         self.log_name = name or self.name
@@ -121,6 +126,7 @@ class ProbeLogic:
         self._collector: Optional[BatchCollector] = None
         self._restored: Optional[dict] = None
         self._last_considered_step = -1
+        self._last_attempted_step = -1
         self._train_seconds = 0.0
         self._probe_seconds = 0.0
         self._batch_t0: Optional[float] = None
@@ -128,8 +134,11 @@ class ProbeLogic:
         self._histograms: list[tuple[str, Tensor]] = []
 
     # ----------------------------------------------------------------- for concrete probes
-    def measure(self, module: nn.Module, probe: ProbeSet) -> Mapping[str, Union[float, Tensor]]:
-        """Compute this probe's quantities on ``probe``; runs inside the isolation guard."""
+    def measure(self, module: nn.Module, probe: Optional[ProbeSet]) -> Mapping[str, Union[float, Tensor]]:
+        """Compute this probe's quantities on ``probe``; runs inside the isolation guard.
+
+        ``probe`` is None only for probes with ``needs_probe_set = False``.
+        """
         raise NotImplementedError
 
     def key_fields(self) -> dict:
@@ -142,6 +151,14 @@ class ProbeLogic:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+    def outputs(self, module: nn.Module, inputs: Any) -> Tensor:
+        """The module's output tensor through the ``forward`` adapter."""
+        return model_outputs(module, inputs, self.forward)
+
+    def loss(self, module: nn.Module, inputs: Any, targets: Tensor) -> Tensor:
+        """The scalar loss through the ``forward`` and ``loss_fn`` adapters."""
+        return (self.loss_fn or default_loss)(self.outputs(module, inputs), targets)
 
     def add_histogram(self, quantity: str, values: Tensor) -> None:
         """Log ``values`` as a histogram where the logger supports it (TensorBoard)."""
@@ -173,9 +190,9 @@ class ProbeLogic:
         started = time.perf_counter()
         self._histograms = []
         try:
-            if self._probe is None:
+            if self._probe is None and self.needs_probe_set:
                 raise ProbeSkipped("the probe set is not ready yet")
-            probe = self._probe_on(module)
+            probe = self._probe_on(module) if self._probe is not None else None
             with isolated(module, self.mode):
                 raw = self.measure(module, probe)
             values = {k: float(v) for k, v in raw.items()}
@@ -225,9 +242,9 @@ class ProbeLogic:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        if self._probe is None:
+        if self._probe is None and self.needs_probe_set:
             self._capture(trainer, pl_module)
-        if self.cadence.at_start and trainer.global_step == 0 and self._probe is not None:
+        if self.cadence.at_start and trainer.global_step == 0 and (self._probe is not None or not self.needs_probe_set):
             self._maybe_measure(trainer, pl_module, force=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -306,16 +323,20 @@ class ProbeLogic:
     def _maybe_measure(self, trainer: Any, pl_module: Any, force: bool = False) -> None:
         step = trainer.global_step
         self._last_considered_step = step
-        if not trainer.is_global_zero or (self.measured_steps and self.measured_steps[-1] == step):
+        if not trainer.is_global_zero or step == self._last_attempted_step:
+            return
+        if self._collector is not None:  # still filling the probe set from passing batches
             return
         if not force and not self.cadence.within_budget(self._probe_seconds, self._train_seconds):
             self.skipped_for_budget += 1
             return
+        self._last_attempted_step = step
         values = self.run_measurement(pl_module, step)
         if values is not None:
-            self._log(trainer, step, values)
+            self.log_values(trainer, step, values)
 
-    def _log(self, trainer: Any, step: int, values: dict[str, float]) -> None:
+    def log_values(self, trainer: Any, step: int, values: Mapping[str, float]) -> None:
+        """Write ``{quantity: value}`` to every logger at ``step`` and keep them as the latest values."""
         prefix = f"biasprobe/{self.log_name}/"
         metrics = {prefix + k: v for k, v in values.items()}
         for logger in trainer.loggers:
@@ -330,7 +351,7 @@ class ProbeLogic:
         self.measured_steps.append(step)
         callback_metrics = getattr(trainer, "callback_metrics", None)
         if isinstance(callback_metrics, dict):
-            callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+            callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
 
     # ----------------------------------------------------------------- checkpoint state
     @property
@@ -350,6 +371,7 @@ class ProbeLogic:
         return {
             "measured_steps": list(self.measured_steps),
             "last_considered_step": self._last_considered_step,
+            "last_attempted_step": self._last_attempted_step,
             "train_seconds": self._train_seconds,
             "probe_seconds": self._probe_seconds,
             "failures": self.failures,
@@ -362,6 +384,7 @@ class ProbeLogic:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = list(state_dict.get("measured_steps", []))
         self._last_considered_step = state_dict.get("last_considered_step", -1)
+        self._last_attempted_step = state_dict.get("last_attempted_step", -1)
         self._train_seconds = state_dict.get("train_seconds", 0.0)
         self._probe_seconds = state_dict.get("probe_seconds", 0.0)
         self.failures = state_dict.get("failures", 0)

@@ -1,0 +1,34 @@
+"""The demo runs end to end (shortened) and prints the table and the tensorboard line."""
+
+import glob
+import subprocess
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning_biasprobe as lb
+from lightning_biasprobe.cli import main
+
+
+def test_demo_command_trains_logs_every_probe_and_prints_the_summary(tmp_path, capsys):
+    out = tmp_path / "logs"
+    assert main(["demo", "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"tensorboard --logdir {out}" in printed
+    assert "biasprobe/gc/logits" in printed and "biasprobe/gc/seconds" in printed
+    event_dirs = glob.glob(str(out / "demo" / "version_*"))
+    assert len(event_dirs) == 1
+    events = EventAccumulator(event_dirs[0])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for probe in lb.ALL_PROBES:  # every probe that exists is in the demo and logged something
+        assert any(t.startswith(f"biasprobe/{probe.name}/") for t in tags), probe.__name__
+    steps = [e.step for e in events.Scalars("biasprobe/gc/logits")]
+    assert steps[0] == 0 and steps == sorted(steps) and len(steps) == 3  # start + 2 epoch ends
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lightning_biasprobe", "demo", "--out", str(tmp_path),
+                             "--epochs", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tensorboard --logdir" in result.stdout and "biasprobe/gc/logits" in result.stdout
