@@ -248,13 +248,13 @@ class ProbeLogic:
             self._maybe_measure(trainer, pl_module, force=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._batch_t0 = time.perf_counter()
         if self._collector is not None and trainer.is_global_zero:
             if self._collector.add(batch):
                 self._set_probe(self._collector.result(), pl_module.device)
                 self._collector = None
                 if self.cadence.at_start and trainer.global_step == 0:
                     self._maybe_measure(trainer, pl_module, force=True)
+        self._batch_t0 = time.perf_counter()  # after any measurement: the budget counts training only
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_t0 is not None:
