@@ -46,3 +46,14 @@ def test_bad_arguments():
         lanczos_eigenvalues(lambda v: v, 5, k=6)
     with pytest.raises(ValueError):
         lanczos_eigenvalues(lambda v: v, 5, which="middle")
+
+
+def test_warm_start_from_the_top_eigenvector_converges_at_once():
+    spectrum = torch.linspace(0, 5, 80, dtype=torch.float64)
+    A = symmetric(spectrum, seed=4)
+    cold = lanczos_eigenvalues(lambda v: A @ v, 80, k=1, tol=1e-8, return_vectors=True, max_iter=80)
+    warm = lanczos_eigenvalues(lambda v: A @ v, 80, k=1, tol=1e-8, v0=cold.eigenvectors[:, 0], max_iter=80)
+    assert warm.num_matvecs <= 2 < cold.num_matvecs
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="v0"):
+        lanczos_eigenvalues(lambda v: A @ v, 80, v0=torch.zeros(80))

@@ -41,7 +41,8 @@ def test_every_probe_at_every_step_leaves_training_bit_identical(accumulate):
     assert_identical(baseline, probed)
     steps_per_run = 2 * 6 // accumulate
     for probe in probes:  # the probes did run at every step
-        assert probe.measured_steps == list(range(0, steps_per_run + 1)), type(probe).__name__
+        last = steps_per_run if probe.measures_final_weights else steps_per_run - 1
+        assert probe.measured_steps == list(range(0, last + 1)), type(probe).__name__
         assert probe.failures == 0
 
 
@@ -56,7 +57,7 @@ def test_validation_probe_set_leaves_training_identical():
     baseline = fit([], val=True)
     probes = every_probe(every_n_steps=3, probe_data="val", num_samples=40)
     assert_identical(baseline, fit(probes, val=True))
-    assert all(len(p.probe_set) == 40 and p.probe_set.source == "val" for p in probes)
+    assert all(len(p.probe_set) == 40 and p.probe_set.source == "val" for p in probes if p.needs_probe_set)
 
 
 class Stream(IterableDataset):
@@ -75,6 +76,7 @@ def test_iterable_dataset_probe_set_comes_from_passing_batches():
     probes = every_probe(every_n_steps=1, num_samples=48)
     assert_identical(baseline, fit(probes, data=stream()))
     for p in probes:
-        assert len(p.probe_set) == 48 and p.probe_set.source == "train_batches"
-        assert p.measured_steps[0] == 2  # the set fills at the second batch's start, after step 1
         assert p.failures == 0
+        if p.needs_probe_set:
+            assert len(p.probe_set) == 48 and p.probe_set.source == "train_batches"
+            assert p.measured_steps[0] == 2  # the set fills at the second batch's start, after step 1

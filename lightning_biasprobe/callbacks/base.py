@@ -68,6 +68,9 @@ class ProbeLogic:
     default_num_samples: ClassVar[int] = 256
     requires_targets: ClassVar[bool] = False
     needs_probe_set: ClassVar[bool] = True
+    # False for probes whose point at step k is read from the optimizer step taken at the weights
+    # of step k (gradients): the final weights have no such step, so their last point is T - 1.
+    measures_final_weights: ClassVar[bool] = True
 
     def __init__(
         self,
