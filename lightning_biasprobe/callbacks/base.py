@@ -71,6 +71,9 @@ class ProbeLogic:
     # False for probes whose point at step k is read from the optimizer step taken at the weights
     # of step k (gradients): the final weights have no such step, so their last point is T - 1.
     measures_final_weights: ClassVar[bool] = True
+    # False for read-only probes (they only read weights, under no_grad): the guard's snapshot of
+    # flags, buffers and RNG would cost more than the measurement itself.
+    isolate: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class ProbeLogic:
         self._restored: Optional[dict] = None
         self._last_considered_step = -1
         self._last_attempted_step = -1
+        self.current_step = -1  # the global step of the measurement in progress
         self._train_seconds = 0.0
         self._probe_seconds = 0.0
         self._batch_t0: Optional[float] = None
@@ -143,6 +147,10 @@ class ProbeLogic:
         ``probe`` is None only for probes with ``needs_probe_set = False``.
         """
         raise NotImplementedError
+
+    def should_measure(self, trainer: Any, pl_module: Any) -> bool:
+        """Whether a due measurement can be made now (e.g. a reference point exists); default True."""
+        return True
 
     def key_fields(self) -> dict:
         """Arguments that tell two instances of the probe apart (for ``state_key``)."""
@@ -196,7 +204,8 @@ class ProbeLogic:
             if self._probe is None and self.needs_probe_set:
                 raise ProbeSkipped("the probe set is not ready yet")
             probe = self._probe_on(module) if self._probe is not None else None
-            with isolated(module, self.mode):
+            self.current_step = step
+            with isolated(module, self.mode) if self.isolate else torch.no_grad():
                 raw = self.measure(module, probe)
             values = {k: float(v) for k, v in raw.items()}
             bad = sorted(k for k, v in values.items() if not math.isfinite(v))
@@ -327,6 +336,8 @@ class ProbeLogic:
         step = trainer.global_step
         self._last_considered_step = step
         if not trainer.is_global_zero or step == self._last_attempted_step:
+            return
+        if not self.should_measure(trainer, pl_module):
             return
         if self._collector is not None:  # still filling the probe set from passing batches
             return

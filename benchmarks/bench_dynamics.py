@@ -1,0 +1,298 @@
+"""Benchmark of the SGD-dynamics probes: per-sample gradients (GradientNoise) and WeightDiffusion.
+
+Part 1 - per-sample gradients of N = 256 digits on the demo MLP (``make_mlp()``, 64-128-128-10,
+26,122 parameters, float32, eval mode), in units of one forward+backward of the same 256 samples
+(cross-entropy, ``.backward()``). Goal: ``per_sample_gradients`` <= 4x. Also timed: the flat form
+(``flatten=True``: one more ``N x P`` copy), the straightforward ``torch.func`` recipe (one ``vmap(grad)`` call over the
+whole batch), a loop of ``torch.autograd.grad`` (what one writes without ``torch.func``), and the
+whole GradientNoise measurement (``gradient_noise_statistics``: gradients, tail indices, B_simple).
+
+Part 2 - WeightDiffusion. One measurement (``run_measurement``: isolation guard, distance, update
+size, norm, fit) and the pre-step copy of the weights, in units of one plain PyTorch training step
+of the demo (batch 64, Adam); then the demo fit (TensorBoard logging, validation) with
+``WeightDiffusion()`` at its default log-spaced cadence against the same fit without it, and the
+probe's own seconds as a share of the fit. Goal: <= 1 % of training.
+
+Every ratio is a median over rounds of (candidate / baseline timed right next to it), with the
+interquartile range; candidates are interleaved with the baseline so load from other processes
+mostly cancels. Nothing is asserted.
+
+Usage: ``python benchmarks/bench_dynamics.py [--quick] [--threads T]``. Threads: 1 by default (on a
+shared machine, intra-op threads that oversubscribe the cores make OpenMP spin-wait, and small ops
+then take 100x longer at random); pass ``--threads 0`` for torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc as pygc
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_biasprobe import GradientNoise, WeightDiffusion
+from lightning_biasprobe.cli.demo import digits_tensors, make_mlp, run_demo
+from lightning_biasprobe.functional.noise import gradient_noise_statistics, per_sample_gradients
+
+N = 256
+TRAIN_BATCH = 64
+GOAL_PER_SAMPLE = 4.0
+GOAL_DIFFUSION = 0.01
+
+
+@dataclass
+class Settings:
+    rounds: int
+    sample_seconds: float
+    epochs: int
+    pairs: int
+
+    @classmethod
+    def make(cls, quick: bool) -> "Settings":
+        return cls(10, 0.02, 4, 2) if quick else cls(31, 0.04, 20, 5)
+
+
+@dataclass
+class Timed:
+    name: str
+    fn: Callable[[], object]
+    number: int = 1
+    ratios: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def _time(fn: Callable[[], object], number: int) -> float:
+    enabled = pygc.isenabled()
+    pygc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - start) / number
+    finally:
+        if enabled:
+            pygc.enable()
+
+
+def _calibrate(t: Timed, sample_seconds: float) -> None:
+    for _ in range(3):
+        t.fn()
+    single = min(_time(t.fn, 1) for _ in range(5))
+    t.number = max(1, round(sample_seconds / max(single, 1e-9)))
+
+
+def interleaved(baseline: Timed, candidates: list[Timed], settings: Settings) -> None:
+    """Each round times every candidate next to a baseline sample (order alternating)."""
+    for t in [baseline, *candidates]:
+        _calibrate(t, settings.sample_seconds)
+    for r in range(settings.rounds):
+        for i, c in enumerate(candidates[r % len(candidates):] + candidates[:r % len(candidates)]):
+            if (r + i) % 2:
+                cand, base = _time(c.fn, c.number), _time(baseline.fn, baseline.number)
+            else:
+                base, cand = _time(baseline.fn, baseline.number), _time(c.fn, c.number)
+            c.ratios.append(cand / base)
+            c.seconds.append(cand)
+            baseline.seconds.append(base)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    q1, q2, q3 = quartiles(values)
+    return f"{q2:.{digits}f}x [{q1:.{digits}f}-{q3:.{digits}f}]"
+
+
+def ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1e3:.3f} ms"
+
+
+# --------------------------------------------------------------------------------------- part 1
+def torch_func_recipe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """The recipe from the torch.func tutorial: vmap(grad) of a one-sample loss over the whole batch."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    return lambda: per_sample(params, x, y)
+
+
+def autograd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    params = list(model.parameters())
+
+    def run():
+        return [torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+                for i in range(x.shape[0])]
+
+    return run
+
+
+def part1(settings: Settings) -> list[tuple[str, ...]]:
+    torch.manual_seed(0)
+    model = make_mlp().eval()
+    train, _ = digits_tensors(0)
+    x, y = (t[:N].contiguous() for t in train.tensors)
+    # Correctness first: the library's rows equal the loop's.
+    flat = per_sample_gradients(model, x, y, flatten=True)
+    loop = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in autograd_loop(model, x[:16], y[:16])()])
+    err = float((flat[:16] - loop).abs().max())
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    base = Timed("F+B", forward_backward)
+    cands = [
+        Timed("per_sample_gradients ({name: (N, *shape)}, the default)", lambda: per_sample_gradients(model, x, y)),
+        Timed("per_sample_gradients(flatten=True) (one N x P matrix)",
+              lambda: per_sample_gradients(model, x, y, flatten=True)),
+        Timed("torch.func recipe: vmap(grad) over the batch", torch_func_recipe(model, x, y)),
+        Timed("gradient_noise_statistics (GradientNoise's measurement)",
+              lambda: gradient_noise_statistics(model, x, y, batch_size=16)),
+    ]
+    loop_timed = Timed("loop of torch.autograd.grad (N backward passes)", autograd_loop(model, x, y))
+    interleaved(base, cands, settings)
+    short = Settings(max(3, settings.rounds // 5), settings.sample_seconds, settings.epochs, settings.pairs)
+    interleaved(base, [loop_timed], short)  # slow: fewer rounds
+    model.zero_grad(set_to_none=True)
+    rows = [("forward+backward of the 256 samples (the unit)", ms(base.seconds), "1.00x", "", "")]
+    for c in cands + [loop_timed]:
+        goal = verdict = ""
+        if c is cands[0]:
+            goal = f"<= {GOAL_PER_SAMPLE:g}x"
+            verdict = "meets" if quartiles(c.ratios)[1] <= GOAL_PER_SAMPLE else "**misses**"
+        rows.append((c.name, ms(c.seconds), fmt(c.ratios), goal, verdict))
+    rows.append(("max \\|library - autograd loop\\| over 16 rows (float32)", "", f"{err:.1e}", "<= 1e-6",
+                 "agrees" if err <= 1e-6 else "**disagrees**"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- part 2
+@contextlib.contextmanager
+def quiet():
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def demo_fit(epochs: int, probes: list, limit: Optional[int] = None) -> float:
+    with tempfile.TemporaryDirectory() as out, quiet():
+        return run_demo(out=out, epochs=epochs, probes=probes, progress=False, limit_batches=limit)["seconds"]
+
+
+def part2(settings: Settings) -> list[tuple[str, ...]]:
+    torch.manual_seed(0)
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train, _ = digits_tensors(0)
+    x, y = (t[:TRAIN_BATCH].contiguous() for t in train.tensors)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    probe = WeightDiffusion()
+    probe.capture_reference(model)
+    probe._previous, probe._previous_step = probe._copy(model, probe._names), 10  # the update is measured too
+    for s in range(1, 10):  # a few points so the fit runs
+        probe.run_measurement(model, s)
+
+    base = Timed("training step", train_step)
+    measure = Timed("one WeightDiffusion measurement", lambda: probe.run_measurement(model, 10))
+    snapshot = Timed("copy of the weights before a measured step", lambda: probe._copy(model, probe._names))
+    interleaved(base, [measure, snapshot], settings)
+    rows = [(f"plain PyTorch training step (batch {TRAIN_BATCH}, Adam): the unit", ms(base.seconds), "1.00x", "", ""),
+            ("one measurement (guard + distance, update, norm, fit), worst case every_n_steps=1",
+             ms(measure.seconds), fmt(measure.ratios, 3), "", ""),
+            ("pre-step copy of the weights (only before measured steps)", ms(snapshot.seconds),
+             fmt(snapshot.ratios, 3), "", "")]
+
+    demo_fit(1, [WeightDiffusion(), GradientNoise()], limit=3)  # warm-up
+    ratios, own, noise_own, counts = [], [], [], []
+    for pair in range(settings.pairs):
+        seconds = {}
+        for kind in (("plain", "probed") if pair % 2 == 0 else ("probed", "plain")):
+            if kind == "plain":
+                seconds[kind] = demo_fit(settings.epochs, [])
+            else:
+                wd = WeightDiffusion()
+                seconds[kind] = demo_fit(settings.epochs, [wd])
+                own.append(sum(m["biasprobe/diffusion/seconds"] for _, m in wd.history) / seconds[kind])
+                counts.append(len(wd.history))
+        ratios.append(seconds["probed"] / seconds["plain"])
+    gn = GradientNoise()
+    fit_seconds = demo_fit(settings.epochs, [gn])
+    noise_own.append(sum(m["biasprobe/noise/seconds"] for _, m in gn.history) / fit_seconds)
+    label = f"demo fit, {settings.epochs} epochs"
+    rows.append((f"{label}: with `WeightDiffusion()` / without ({settings.pairs} pairs)", "",
+                 fmt(ratios, 3), "", "(fit-to-fit noise is larger than the effect)"))
+    share = statistics.median(own)
+    rows.append((f"{label}: WeightDiffusion's own seconds / fit seconds ({counts[0]} log-spaced measurements)", "",
+                 f"{share * 100:.3f} %", f"<= {GOAL_DIFFUSION * 100:g} %",
+                 "meets" if share <= GOAL_DIFFUSION else "**misses**"))
+    rows.append((f"{label}: GradientNoise's own seconds / fit seconds ({len(gn.history)} measurements of 256)", "",
+                 f"{noise_own[0] * 100:.2f} %", "", ""))
+    return rows
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    print("| what | median time | ratio: median [IQR] | goal | verdict |")
+    print("|---|---:|---:|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, a 4-epoch demo, 2 pairs")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    settings = Settings.make(args.quick)
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    print(f"# SGD-dynamics benchmark{' (--quick)' if args.quick else ''}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs; {settings.rounds} rounds.\n", flush=True)
+    print("## Per-sample gradients, N = 256, demo MLP\n")
+    table(part1(settings))
+    print("\n## WeightDiffusion\n", flush=True)
+    table(part2(settings))
+    print(f"\n1-minute load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end. "
+          f"Wall time {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

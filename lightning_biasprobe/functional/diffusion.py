@@ -1,0 +1,120 @@
+"""Anomalous diffusion of the weights: the exponent of ‖θ_t − θ_ref‖ ∝ t^c and the distances it is fitted to.
+
+Kunin, Sagastuy-Brena, Gillespie, Margalit, Tanaka, Ganguli, Yamins (2021/2023), "Limiting Dynamics
+of SGD: Modified Loss, Phase Space Oscillations, and Anomalous Diffusion", Neural Computation,
+arXiv:2107.09133. Long after the loss has converged the weights keep moving; their distance from a
+reference point grows as a power of time whose exponent depends on the hyperparameters.
+
+Convention. The exponent here is that of the *distance* ``‖θ_t − θ_ref‖``: a random walk gives
+1/2 and a straight (ballistic) path 1. Kunin et al. fit the *squared* distance
+``Δ(t) = ‖θ_t − θ_ref‖²``, whose exponent is twice this one (Brownian motion: 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from torch import Tensor
+
+Numbers = Union[Sequence[float], Tensor]
+
+
+@dataclass
+class DiffusionFit:
+    """Least-squares line through ``(log t, log distance)``: slope ``exponent``, fit quality ``r2``.
+
+    ``distance ≈ exp(intercept) * t ** exponent`` over ``t_start <= t <= t_end`` (``num_points``
+    points). ``stderr`` is the slope's standard error (NaN with two points).
+    """
+
+    exponent: float
+    intercept: float
+    r2: float
+    stderr: float
+    num_points: int
+    t_start: float
+    t_end: float
+
+
+def _as_floats(values: Numbers, what: str) -> list[float]:
+    out = values.detach().reshape(-1).tolist() if isinstance(values, Tensor) else [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return [float(v) for v in out]
+
+
+def diffusion_exponent(
+    steps: Numbers,
+    distances: Numbers,
+    *,
+    window: Optional[float] = None,
+    t_min: float = 1.0,
+    min_points: int = 3,
+) -> DiffusionFit:
+    r"""Exponent :math:`c` of :math:`\lVert\theta_t - \theta_\text{ref}\rVert \propto t^c`, fitted in log-log.
+
+    Kunin et al. (2021), "Limiting Dynamics of SGD: Modified Loss, Phase Space Oscillations, and
+    Anomalous Diffusion". Ordinary least squares of :math:`\log d_k` on :math:`\log t_k` over the
+    points with :math:`t_k \ge` ``t_min`` and :math:`d_k > 0`; with ``window`` (in decades of
+    :math:`t`), only the points with :math:`t_k \ge t_\text{last} / 10^\text{window}` — a sliding
+    window over the latest stretch of the curve, so the exponent can change over training (the
+    exponent depends on the fit window: it is returned with the window it used). Fit quality is
+    the coefficient of determination :math:`R^2` of the log-log line.
+
+    References: a pure random walk gives :math:`c = 1/2`, a ballistic path
+    :math:`\theta_t = \theta_0 + u t` exactly :math:`c = 1`, saturation (an Ornstein–Uhlenbeck
+    process at late times) :math:`c \to 0`. Kunin et al.'s exponent of the squared distance is
+    :math:`2c`. Fit log-spaced measurements, or late times dominate the fit.
+
+    Cost: :math:`O(\text{points})`.
+
+    Args:
+        steps: times :math:`t_k` since the reference point (steps after it), any order.
+        distances: :math:`\lVert\theta_{t_k} - \theta_\text{ref}\rVert`, same length, non-negative.
+        window: decades of :math:`t` to fit, ending at the latest usable point; None for all points.
+        t_min: smallest :math:`t` used (``t = 0`` is the reference itself, log 0 is undefined).
+        min_points: fewer usable points than this raise ``ValueError`` (at least 2).
+
+    Returns:
+        :class:`DiffusionFit`.
+    """
+    t = _as_floats(steps, "steps")
+    d = _as_floats(distances, "distances")
+    if len(t) != len(d):
+        raise ValueError(f"steps and distances must have the same length, got {len(t)} and {len(d)}")
+    if any(v < 0 for v in d):
+        raise ValueError("distances must be non-negative (they are norms)")
+    if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 2:
+        raise ValueError(f"min_points must be an integer >= 2, got {min_points!r}")
+    if not (t_min > 0):
+        raise ValueError(f"t_min must be positive (log t), got {t_min!r}")
+    if window is not None and not (window > 0):
+        raise ValueError(f"window must be a positive number of decades or None, got {window!r}")
+    points = [(ti, di) for ti, di in zip(t, d) if ti >= t_min and di > 0]
+    if window is not None and points:
+        start = max(ti for ti, _ in points) / 10.0**window
+        points = [(ti, di) for ti, di in points if ti >= start]
+    n = len(points)
+    if n < min_points:
+        raise ValueError(f"need at least {min_points} points with t >= {t_min} and a positive distance"
+                         f"{' in the window' if window is not None else ''}, got {n}")
+    # Plain float64 arithmetic: a few dozen points, where tensor ops would cost more than the math.
+    x = [math.log(ti) for ti, _ in points]
+    y = [math.log(di) for _, di in points]
+    x_mean, y_mean = math.fsum(x) / n, math.fsum(y) / n
+    xc = [v - x_mean for v in x]
+    yc = [v - y_mean for v in y]
+    sxx = math.fsum(v * v for v in xc)
+    if sxx <= 0:
+        raise ValueError("the points must span more than one time t to fit an exponent")
+    slope = math.fsum(a * b for a, b in zip(xc, yc)) / sxx
+    intercept = y_mean - slope * x_mean
+    ss_res = math.fsum((b - slope * a) ** 2 for a, b in zip(xc, yc))
+    ss_tot = math.fsum(b * b for b in yc)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    stderr = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else math.nan
+    return DiffusionFit(exponent=slope, intercept=intercept, r2=r2, stderr=stderr, num_points=n,
+                        t_start=min(ti for ti, _ in points), t_end=max(ti for ti, _ in points))

@@ -1,0 +1,234 @@
+"""WeightDiffusion, the callback: ballistic and random-walk weights, the reference, the per-step update,
+checkpoint resume, bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import BNDropoutNet, blobs, loader, trainer
+from lightning_biasprobe import WeightDiffusion
+
+import sklearn  # noqa: F401,E402  (the test extra installs it; the data are its bundled digits)
+from lightning_biasprobe.cli.demo import demo_module, digits_tensors  # noqa: E402
+
+
+class Drift(torch.optim.Optimizer):
+    """Moves the weights without looking at gradients: by ``u`` every step (ballistic) or by a
+    standard normal vector from a private generator (random walk)."""
+
+    def __init__(self, params, kind: str, u: Optional[torch.Tensor] = None, seed: int = 0):
+        super().__init__(params, {})
+        self.kind, self.u = kind, u
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.kind == "ballistic":
+                    p.add_(self.u)
+                else:
+                    p.add_(torch.randn(p.shape, generator=self.gen, dtype=p.dtype))
+
+
+class Walker(pl.LightningModule):
+    def __init__(self, dim: int, kind: str, u: Optional[torch.Tensor] = None):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.theta = nn.Parameter(torch.randn(dim, generator=g, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+        self.kind, self.u = kind, u
+
+    def training_step(self, batch, batch_idx):
+        return (self.theta * 0).sum()
+
+    def configure_optimizers(self):
+        return Drift([self.theta], self.kind, self.u)
+
+
+def walk(probe, steps: int, kind: str, dim: int = 16, u=None, accumulate: int = 1):
+    model = Walker(dim, kind, u)
+    start = model.theta.detach().clone()
+    data = DataLoader(TensorDataset(torch.zeros(steps * accumulate, 1)), batch_size=1)
+    trainer([probe], max_epochs=1, accumulate_grad_batches=accumulate).fit(model, data)
+    return model, start
+
+
+def values(probe, key: str) -> dict[int, float]:
+    return {step: m[f"biasprobe/{probe.log_name}/{key}"] for step, m in probe.history
+            if f"biasprobe/{probe.log_name}/{key}" in m}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ballistic_weights_give_exponent_one_and_constant_update(accumulate):
+    u = torch.linspace(-1, 1, 16, dtype=torch.float64) * 0.01
+    probe = WeightDiffusion(every_n_steps=1)
+    model, start = walk(probe, 40, "ballistic", u=u, accumulate=accumulate)
+    speed = float(u.norm())
+    assert probe.measured_steps == list(range(41)) and probe.failures == 0
+    distance = values(probe, "distance")
+    for step in range(41):
+        assert distance[step] == pytest.approx(step * speed, rel=1e-12, abs=1e-15)
+    updates = values(probe, "update_size")
+    assert updates[0] == 0.0 and all(updates[s] == pytest.approx(speed, rel=1e-9) for s in range(1, 41))
+    exponent, r2, points = values(probe, "exponent"), values(probe, "exponent_r2"), values(probe, "fit_points")
+    assert [points[s] for s in range(5)] == [0, 1, 2, 3, 4] and exponent[2] == 0.0 and r2[2] == 0.0
+    assert all(exponent[s] == pytest.approx(1.0, abs=1e-9) and r2[s] == pytest.approx(1.0, abs=1e-9)
+               for s in range(3, 41))
+    # Fitted points are thinned to at most 32 per decade (each at least 10**(1/32) times the last),
+    # and the sliding window of one decade keeps t >= 4 at step 40.
+    kept = [1]
+    for t in range(2, 41):
+        if t >= kept[-1] * 10 ** (1 / 32):
+            kept.append(t)
+    assert kept[:14] == list(range(1, 15)) and 15 not in kept and 40 in kept
+    assert values(probe, "fit_t_start")[40] == 4.0 and points[40] == len([t for t in kept if t >= 4])
+    # The reference is the initialization (trainable parameters only, on the CPU).
+    assert list(probe.reference) == ["theta"]
+    assert torch.equal(probe.reference["theta"], start) and probe.reference["theta"].device.type == "cpu"
+    assert values(probe, "weight_norm")[40] == pytest.approx(float(model.theta.detach().norm()), rel=1e-12)
+
+
+def test_random_walk_gives_one_half_on_the_default_log_spaced_cadence():
+    probe = WeightDiffusion()  # log-spaced steps, window of one decade
+    walk(probe, 600, "random", dim=4096)
+    steps = probe.measured_steps
+    assert steps[:4] == [0, 5, 6, 7] and steps[-1] == 600 and len(steps) < 50
+    last = {k.split("/")[-1]: v for k, v in probe.last_values.items()}
+    assert abs(last["exponent"] - 0.5) < 0.06, last
+    assert last["exponent_r2"] > 0.95 and last["fit_t_start"] >= 60 and last["fit_points"] >= 12
+    # One step of N(0, I_4096) has length about 64.
+    assert all(abs(v - 64) < 4 for s, v in values(probe, "update_size").items() if s > 0)
+
+
+def test_a_later_reference_step_starts_the_curve_there():
+    u = torch.full((16,), 0.1, dtype=torch.float64)
+    probe = WeightDiffusion(reference_step=10, every_n_steps=2)
+    model, start = walk(probe, 30, "ballistic", u=u)
+    assert probe.measured_steps == list(range(10, 31, 2))
+    distance = values(probe, "distance")
+    assert distance[10] == 0.0
+    assert all(distance[s] == pytest.approx((s - 10) * float(u.norm()), rel=1e-12) for s in range(12, 31, 2))
+    torch.testing.assert_close(probe.reference["theta"], start + 10 * u, rtol=1e-15, atol=1e-15)
+    assert values(probe, "exponent")[30] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_previous_weights_are_copied_only_before_measured_steps(monkeypatch):
+    """The per-step update needs the weights before the step; they are copied only when the next step
+    is measured (or may end an epoch or the run), and freed afterwards."""
+    probe = WeightDiffusion(every_n_steps=7)
+    copies: list[int] = []
+    original = WeightDiffusion._copy
+
+    def spy(self, module, names):
+        copies.append(1)
+        return original(self, module, names)
+
+    monkeypatch.setattr(WeightDiffusion, "_copy", spy)
+    walk(probe, 30, "ballistic", u=torch.full((16,), 0.1, dtype=torch.float64))
+    assert probe.measured_steps == [0, 7, 14, 21, 28, 30]
+    assert len(copies) == 1 + 5  # the reference, and before steps 7, 14, 21, 28 and 30 (the last batch)
+    assert probe._previous is None
+    assert all(v == pytest.approx(0.4, rel=1e-9) for s, v in values(probe, "update_size").items() if s > 0)
+
+
+def test_buffers_and_frozen_parameters_are_not_followed():
+    probe = WeightDiffusion(every_n_steps=3)
+    model = BNDropoutNet(frozen_eval_layer=True)  # the first BatchNorm is frozen
+    pl.seed_everything(0, verbose=False)
+    trainer([probe], max_epochs=1).fit(model, loader(blobs()))
+    names = list(probe.reference)
+    assert "net.1.weight" not in names and not any("running" in n for n in names)
+    assert names == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert probe.failures == 0 and values(probe, "distance")[6] > 0
+
+
+# --------------------------------------------------------------------------------------- checkpoint resume
+def digits_fit(callbacks, epochs: int, root: Path, ckpt_path: Optional[Path] = None) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    train, _ = digits_tensors(0)
+    data = DataLoader(TensorDataset(*train[:40]), batch_size=8, shuffle=False)  # same batches after a resume
+    t = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,
+                   default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                   num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(demo_module(width=16), data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    return t
+
+
+def test_resume_continues_the_same_curve_from_the_same_reference(tmp_path):
+    straight = WeightDiffusion(every_n_steps=1, window=None)
+    digits_fit([straight], 2, tmp_path / "straight")
+
+    first = WeightDiffusion(every_n_steps=1, window=None)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="first", save_on_train_epoch_end=True)
+    digits_fit([first, checkpoint], 1, tmp_path / "first")
+    path = tmp_path / "ckpt" / "first.ckpt"
+    state = torch.load(path, map_location="cpu", weights_only=True)["callbacks"][first.state_key]
+    assert state["extra"]["names"] == list(first.reference)
+    assert [t for t, _ in state["extra"]["points"]] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+    resumed = WeightDiffusion(every_n_steps=1, window=None)
+    digits_fit([resumed], 2, tmp_path / "resumed", ckpt_path=path)
+    assert resumed.measured_steps == list(range(11)) and resumed.failures == 0
+    for name, ref in straight.reference.items():
+        assert torch.equal(resumed.reference[name], ref), name
+    # The resumed run's points are the uninterrupted run's: distances from the initialization, and the
+    # exponent fitted over the points from before the checkpoint too.
+    expected = dict(straight.history)
+    for step, metrics in resumed.history:
+        assert step > 5
+        for key in ("distance", "update_size", "weight_norm", "exponent", "exponent_r2", "fit_points"):
+            full = f"biasprobe/diffusion/{key}"
+            assert metrics[full] == pytest.approx(expected[step][full], rel=1e-12, abs=1e-15), (step, key)
+    assert dict(resumed.history)[10]["biasprobe/diffusion/fit_points"] == 10
+    # Not vacuous: measured from the weights at the resume point the distance would be far smaller.
+    at_resume = dict(first.history)[5]["biasprobe/diffusion/distance"]
+    assert dict(resumed.history)[6]["biasprobe/diffusion/distance"] > 0.5 * at_resume
+
+
+def test_resume_without_reference_state_warns_and_measures_nothing(tmp_path):
+    first = WeightDiffusion(every_n_steps=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="first", save_on_train_epoch_end=True)
+    digits_fit([first, checkpoint], 1, tmp_path / "first")
+    other = WeightDiffusion(every_n_steps=1, window=2.0)  # another configuration: gets no state
+    with pytest.warns(RuntimeWarning, match="no reference weights were restored"):
+        digits_fit([other], 2, tmp_path / "other", ckpt_path=tmp_path / "ckpt" / "first.ckpt")
+    assert other.measured_steps == [] and other.reference is None and other.failures == 0
+
+
+# --------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(reference_step=-1), "reference_step"),
+    (dict(reference_step=1.5), "reference_step"),
+    (dict(window=0), "window"),
+    (dict(t_min=0), "t_min"),
+    (dict(min_points=2), "min_points"),
+    (dict(reference_device="warp-drive"), "reference_device"),
+])
+def test_bad_configuration_fails_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WeightDiffusion(**kwargs)
+
+
+def test_a_model_that_changed_shape_is_skipped_with_a_reason():
+    probe = WeightDiffusion()
+    model = nn.Linear(3, 2)
+    probe.capture_reference(model)
+    assert probe.run_measurement(model, step=0)["distance"] == 0.0
+    with pytest.warns(RuntimeWarning, match="shape"):
+        assert probe.run_measurement(nn.Linear(4, 2), step=1) is None
+    assert probe.failures == 1
+    assert math.isfinite(probe.run_measurement(model, step=2)["distance"])
