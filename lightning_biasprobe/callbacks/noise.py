@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from torch import nn
 
-from ..functional.noise import BlockSize, gradient_noise_statistics
+from ..functional.noise import METHODS, BlockSize, Method, gradient_noise_statistics
 from ._data import ProbeSet
 from .base import ProbeLogic
 
@@ -16,7 +16,8 @@ from .base import ProbeLogic
 class GradientNoiseLogic(ProbeLogic):
     r"""Logs the tail index of the minibatch gradient noise, the gradient noise scale and the GSNR.
 
-    Per-sample gradients of the loss on a fixed probe set (``torch.func``: ``vmap`` over ``grad``,
+    Per-sample gradients of the loss on a fixed probe set (``per_sample_gradients``: structured
+    for ``nn.Linear`` layers, ``torch.func`` ``vmap`` over ``grad`` for the other parameters,
     chunked) give, at each measurement:
 
     - the **tail index** :math:`\alpha` of the minibatch noise :math:`U_k = g_{B,k} - \bar g`
@@ -54,10 +55,11 @@ class GradientNoiseLogic(ProbeLogic):
     To measure the noise at your training batch size ``B``, pass ``batch_size=B`` and
     ``num_samples`` of at least ``16 * B``.
 
-    Cost per measurement: the per-sample gradients of ``num_samples`` examples (on CPU about 7x one
-    forward+backward of the same examples) plus a few :math:`O(NP)` reductions and the two tail
-    estimates over ``M x P'`` values: about 40 ms, 40x one forward+backward, for the demo MLP
-    (26k parameters) at N = 256 on one CPU core (``benchmarks/bench_dynamics.py``); memory
+    Cost per measurement: the per-sample gradients of ``num_samples`` examples (for an MLP on CPU
+    about 3x one forward+backward of the same examples; 6-9x with ``method="vmap"``) plus a few
+    :math:`O(NP)` reductions and the two tail estimates over ``M x P'`` values, which dominate:
+    about 35-40 ms, 30-35x one forward+backward, for the demo MLP (26k parameters) at N = 256 on
+    one CPU core (``benchmarks/bench_dynamics.py``); memory
     ``M x P'`` float64 values (``P' = min(P, max_coordinates)``) and one chunk of per-sample
     gradients. Measured in eval mode: BatchNorm in train mode couples
     the samples of a batch, so ``mode="train"`` on a model with BatchNorm is explained (a warning)
@@ -72,7 +74,8 @@ class GradientNoiseLogic(ProbeLogic):
         seed: the fixed minibatch assignment and coordinate subset.
         block_size: the estimator's block size rule, ``"sqrt"``, ``"divisor"`` (the reference
             code's) or an integer.
-        method: ``"vmap"`` or ``"loop"`` (one ``autograd.grad`` per sample, for models vmap cannot run).
+        method: ``"auto"`` (structured where possible, vmap for the rest), ``"vmap"`` or ``"loop"``
+            (one ``autograd.grad`` per sample, for models vmap cannot run).
         **kwargs: probe data, adapters, cadence and failure policy, see :class:`ProbeLogic`.
     """
 
@@ -89,7 +92,7 @@ class GradientNoiseLogic(ProbeLogic):
         max_coordinates: Optional[int] = 2**20,
         seed: int = 0,
         block_size: BlockSize = "sqrt",
-        method: Literal["vmap", "loop"] = "vmap",
+        method: Method = "auto",
         **kwargs: Any,
     ) -> None:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -106,8 +109,8 @@ class GradientNoiseLogic(ProbeLogic):
         if block_size not in ("sqrt", "divisor") and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                                       or block_size < 2):
             raise ValueError(f"block_size must be 'sqrt', 'divisor' or an integer >= 2, got {block_size!r}")
-        if method not in ("vmap", "loop"):
-            raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
         super().__init__(**kwargs)
         if batch_size is not None and self.num_samples // batch_size < 2:
             raise ValueError(f"batch_size={batch_size} leaves fewer than two minibatches in num_samples="

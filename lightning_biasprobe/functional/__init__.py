@@ -18,6 +18,7 @@ from .curvature import (
 from .diffusion import DiffusionFit, diffusion_exponent
 from .geometry import geometric_complexity
 from .igr import explicit_gradient_regularizer, gradient_norm_squared, implicit_gradient_regularizer
+from .ncc import FeatureStatistics, NCCProfile, cdnv, class_means, effective_depth, nc1, ncc_accuracy, ncc_profile
 from .noise import (
     GradientNoiseStatistics,
     NoiseScale,
@@ -28,19 +29,27 @@ from .noise import (
     per_sample_gradients,
     tail_index,
 )
+from .rank import LayerSpectrum, effective_rank, layer_spectra, rank_measures, rankme, stable_rank
 
 __all__ = [
     "DiffusionFit",
+    "FeatureStatistics",
     "GradientNoiseStatistics",
     "HessianEigenvalues",
     "HessianOperator",
     "HessianTrace",
+    "LayerSpectrum",
+    "NCCProfile",
     "NoiseScale",
     "SpectralDensity",
     "TailIndex",
     "call_model",
+    "cdnv",
+    "class_means",
     "default_loss",
     "diffusion_exponent",
+    "effective_depth",
+    "effective_rank",
     "explicit_gradient_regularizer",
     "geometric_complexity",
     "gradient_noise_scale",
@@ -51,10 +60,17 @@ __all__ = [
     "hessian_spectral_density",
     "hessian_trace",
     "implicit_gradient_regularizer",
+    "layer_spectra",
     "minibatch_noise",
+    "nc1",
+    "ncc_accuracy",
+    "ncc_profile",
     "output_tensor",
     "parameter_blocks",
     "per_sample_gradients",
     "per_sample_outputs",
+    "rank_measures",
+    "rankme",
+    "stable_rank",
     "tail_index",
 ]

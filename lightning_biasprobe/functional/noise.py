@@ -9,9 +9,13 @@
 - Gradient signal-to-noise ratio per parameter: Liu, Jiang, Bai, Chen, Wang (2020), "Understanding
   Why Neural Networks Generalize Well Through GSNR of Parameters", ICLR 2020, arXiv:2001.07384.
 
-Per-sample gradients are computed with ``torch.func``: ``vmap`` over ``grad`` of a one-sample loss
-evaluated through ``functional_call``, in chunks of samples so that peak memory has a bound.
-Samples must not interact, so BatchNorm layers must be in eval mode.
+Per-sample gradients (``method="auto"``, the default) are "structured" for the parameters of
+``nn.Linear`` layers called once per forward: one forward recording each layer's input and one
+backward of the summed per-sample losses recording its output gradient, whose per-sample outer
+products are the gradients (``_per_sample.py``). Every other parameter goes through ``torch.func``:
+``vmap`` over ``grad`` of a one-sample loss evaluated through ``functional_call``. Both run in
+chunks of samples so that peak memory has a bound. Samples must not interact, so BatchNorm layers
+must be in eval mode.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from torch.func import functional_call, grad, vmap
 
 from .._tree import num_rows, slice_rows, tree_map
 from ._adapters import ForwardFn, batchnorm_in_train_mode, default_loss, make_generator, model_outputs
+from ._per_sample import Plan, make_plan, structured_gradients
 
 LossFn = Callable[[Tensor, Optional[Tensor]], Tensor]
 BlockSize = Union[int, Literal["sqrt", "divisor"]]
+Method = Literal["auto", "vmap", "loop"]
+METHODS = ("auto", "vmap", "loop")
 
 # Automatic chunk: at most this many per-sample gradient entries (chunk x P) at a time, i.e.
 # 256 MiB of float32 gradients, whatever the model size.
@@ -79,8 +86,8 @@ def _auto_chunk(n: int, num_params: int, chunk_size: Optional[int]) -> int:
 
 def _validate_common(model: nn.Module, inputs: Any, targets: Optional[Tensor], chunk_size: Optional[int],
                      method: str, what: str) -> tuple[int, list[tuple[str, Tensor]]]:
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None (automatic), got {chunk_size!r}")
     _check_independent_samples(model, what)
@@ -96,11 +103,46 @@ def _validate_common(model: nn.Module, inputs: Any, targets: Optional[Tensor], c
     return n, params
 
 
+def _plan(model: nn.Module, params: list[tuple[str, Tensor]], inputs: Any, forward: Optional[ForwardFn],
+          method: str) -> Optional[Plan]:
+    """The routes of ``method="auto"`` (decided on the first sample); None for the other methods."""
+    return make_plan(model, params, slice_rows(inputs, 0, 1), forward) if method == "auto" else None
+
+
 def _chunk_gradients(model: nn.Module, params: list[tuple[str, Tensor]], inputs: Any, targets: Optional[Tensor],
-                     forward: Optional[ForwardFn], loss_fn: LossFn, method: str) -> list[Tensor]:
-    """Per-sample gradients of one chunk: a list (one entry per parameter) of ``(n, *shape)`` tensors."""
+                     forward: Optional[ForwardFn], loss_fn: LossFn, method: str, plan: Optional[Plan] = None,
+                     dest: Optional[list[Tensor]] = None) -> list[Tensor]:
+    """Per-sample gradients of one chunk: a list (one entry per parameter) of ``(n, *shape)`` tensors.
+
+    ``dest``: optional ``(n, *shape)`` tensors (one per parameter) the gradients are written into
+    (the structured route writes there directly; the other routes' results are copied).
+    """
     if method == "loop":
-        return _loop_gradients(model, params, inputs, targets, forward, loss_fn)
+        grads = _loop_gradients(model, params, inputs, targets, forward, loss_fn)
+    elif method == "auto":
+        assert plan is not None
+        found, rest = structured_gradients(model, params, plan, inputs, targets, forward, loss_fn,
+                                           num_rows(inputs), dest)
+        if rest:
+            # The structured parameters are constants of this vmap (the outer no_grad keeps autograd
+            # from recording through them; torch.func.grad still differentiates the others).
+            with torch.no_grad():
+                others = _vmap_gradients(model, [params[j] for j in rest], inputs, targets, forward, loss_fn)
+            found.update(zip(rest, others))
+        grads = [found[j] for j in range(len(params))]
+    else:
+        grads = _vmap_gradients(model, params, inputs, targets, forward, loss_fn)
+    if dest is not None:
+        for d, g in zip(dest, grads):
+            if g is not d:
+                d.copy_(g.reshape(d.shape))
+        return dest
+    return grads
+
+
+def _vmap_gradients(model: nn.Module, params: list[tuple[str, Tensor]], inputs: Any, targets: Optional[Tensor],
+                    forward: Optional[ForwardFn], loss_fn: LossFn) -> list[Tensor]:
+    """``vmap`` over ``grad`` of one sample's loss with respect to ``params`` (the others are constants)."""
     wrapper = _ForwardModule(model, forward)
     names = [f"model.{name}" for name, _ in params]
 
@@ -146,26 +188,42 @@ def per_sample_gradients(
     loss_fn: Optional[LossFn] = None,
     chunk_size: Optional[int] = None,
     flatten: bool = False,
-    method: Literal["vmap", "loop"] = "vmap",
+    method: Method = "auto",
 ) -> Union[dict[str, Tensor], Tensor]:
     r"""Gradients of every sample's own loss, :math:`g_i = \nabla_\theta \ell(f_\theta(x_i), y_i)`.
 
-    ``method="vmap"`` (default): ``torch.func.vmap`` over ``torch.func.grad`` of the loss of one
-    sample (given back a batch dimension of one) evaluated through ``functional_call``, over chunks
-    of ``chunk_size`` samples. ``method="loop"``: one ``torch.autograd.grad`` per sample, for models
-    that ``vmap`` cannot trace (data-dependent control flow, ``.item()``); much slower.
+    ``method="auto"`` (default): the parameters of every ``nn.Linear`` called once per forward on a
+    batch-first input ``(N, ..., in)`` are *structured*: one forward records each such layer's
+    input ``x``, one backward of the sum of the per-sample losses (the loss adapter applied to each
+    sample's output given back a batch dimension of one, ``vmap``-ped over the loss only) records
+    the gradient ``g`` of the layer's output, and sample ``i``'s gradients are
+    :math:`\sum_p g_{i,p}^\top x_{i,p}` and :math:`\sum_p g_{i,p}` (``p`` over extra dimensions such
+    as sequence positions). Every other parameter (convolutions, normalisation layers, embeddings,
+    custom modules, a layer called twice, shared or tied weights, parameters the ``forward``
+    adapter reads) takes the ``"vmap"`` route, with the structured ones held fixed. The routes are
+    decided by one extra forward of one sample (random state restored afterwards). The result is
+    the same as ``"vmap"`` up to rounding. In train mode with dropout the two routes draw their
+    own masks, so a sample's structured and vmapped coordinates come from different dropout draws
+    (each is a valid per-sample gradient; their covariance across the two groups is not).
+    ``method="vmap"``: ``torch.func.vmap`` over ``torch.func.grad`` of the loss of one sample (given
+    back a batch dimension of one) evaluated through ``functional_call``, for every parameter.
+    ``method="loop"``: one ``torch.autograd.grad`` per sample, for models that ``vmap`` cannot trace
+    (data-dependent control flow, ``.item()``); much slower.
 
     For a loss that averages over the batch (the default cross-entropy and MSE), the minibatch
     gradient of an eval-mode model is the mean of these rows. Only parameters with
     ``requires_grad=True`` are differentiated, in ``model.named_parameters()`` order; buffers and
     frozen parameters are constants. ``.grad`` of the parameters is never touched.
 
-    Cost: one vmapped forward and backward per chunk, writing ``N x P`` values (on CPU the
-    per-sample outer products of linear layers run as batched matrix products with an inner
-    dimension of one, which dominates): about 6-9x one forward+backward of the same samples for
-    the demo MLP at N = 256 on a 2-core CPU, the same as the plain ``torch.func`` recipe
-    (``benchmarks/bench_dynamics.py``); ``flatten=True`` adds one copy of the ``N x P`` values.
-    Memory: the output plus one chunk's activations. ``chunk_size=None`` picks chunks of at most
+    Cost: ``"auto"`` on a model of linear layers is one forward, one backward to the layers'
+    outputs (no weight gradients) and the writing of the ``N x P`` values: about 2-3x one
+    forward+backward of the same samples for the demo MLP at N = 256 on one CPU thread
+    (``benchmarks/bench_dynamics.py``); parameters left to vmap add one vmapped forward and backward
+    per chunk. ``"vmap"`` alone: about 6-9x (on CPU the per-sample outer products of linear
+    layers run as batched matrix products with an inner dimension of one, which dominates), the
+    same as the plain ``torch.func`` recipe. With ``flatten=True`` the structured gradients are
+    written into the ``(N, P)`` matrix directly; vmapped ones are copied into it. Memory: the
+    output plus one chunk's activations. ``chunk_size=None`` picks chunks of at most
     :math:`2^{26}/P` samples.
 
     Args:
@@ -175,10 +233,10 @@ def per_sample_gradients(
         forward: ``(model, inputs) -> outputs``; default ``model(inputs)``.
         loss_fn: ``(outputs, targets) -> scalar``; default cross-entropy for integer targets, mean
             squared error for float targets.
-        chunk_size: samples per vmapped call; None for automatic.
+        chunk_size: samples per forward (structured) and per vmapped call; None for automatic.
         flatten: return one ``(N, P)`` tensor (parameters concatenated in ``named_parameters``
-            order) instead of ``{name: (N, *shape)}`` (one more copy of the values).
-        method: ``"vmap"`` or ``"loop"``.
+            order) instead of ``{name: (N, *shape)}``.
+        method: ``"auto"``, ``"vmap"`` or ``"loop"``.
 
     Returns:
         ``{name: (N, *shape)}`` in the parameters' dtypes, or an ``(N, P)`` tensor with ``flatten``.
@@ -187,29 +245,30 @@ def per_sample_gradients(
     loss = loss_fn or default_loss
     num_params = sum(p.numel() for _, p in params)
     step = _auto_chunk(n, num_params, chunk_size)
+    plan = _plan(model, params, inputs, forward, method)
+    device = params[0][1].device
     if flatten:
         dtype = params[0][1].dtype
         for _, p in params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
-        out = torch.empty(n, num_params, dtype=dtype, device=params[0][1].device)
-    else:
-        parts: list[list[Tensor]] = [[] for _ in params]
+        out = torch.empty(n, num_params, dtype=dtype, device=device)
+    elif step < n:  # several chunks: each writes its rows of the preallocated results
+        whole = [torch.empty(n, *p.shape, dtype=p.dtype, device=device) for _, p in params]
     for start in range(0, n, step):
         stop = min(start + step, n)
         y = None if targets is None else targets[start:stop]
-        grads = _chunk_gradients(model, params, slice_rows(inputs, start, stop), y, forward, loss, method)
         if flatten:
-            offset = 0
-            for g in grads:
-                width = g[0].numel()
-                out[start:stop, offset:offset + width] = g.reshape(stop - start, width)
-                offset += width
+            dest, offset = [], 0
+            for _, p in params:
+                dest.append(out[start:stop, offset:offset + p.numel()].view(stop - start, *p.shape))
+                offset += p.numel()
         else:
-            for part, g in zip(parts, grads):
-                part.append(g.detach())
+            dest = None if step >= n else [w[start:stop] for w in whole]
+        grads = _chunk_gradients(model, params, slice_rows(inputs, start, stop), y, forward, loss, method, plan, dest)
     if flatten:
         return out
-    return {name: part[0] if len(part) == 1 else torch.cat(part) for (name, _), part in zip(params, parts)}
+    results = grads if step >= n else whole
+    return {name: g.detach() for (name, _), g in zip(params, results)}
 
 
 # --------------------------------------------------------------------------------------- tail index
@@ -550,7 +609,7 @@ def gradient_noise_statistics(
     seed: int = 0,
     max_coordinates: Optional[int] = None,
     block_size: BlockSize = "sqrt",
-    method: Literal["vmap", "loop"] = "vmap",
+    method: Method = "auto",
 ) -> GradientNoiseStatistics:
     r"""Tail index (pooled and standardized), :math:`B_\text{simple}` and GSNR, streaming the per-sample gradients.
 
@@ -605,10 +664,11 @@ def gradient_noise_statistics(
     loss = loss_fn or default_loss
     step = _auto_chunk(n, total, chunk_size)
     step = max(batch_size, step // batch_size * batch_size)  # chunks hold whole minibatches
+    plan = _plan(model, params, inputs, forward, method)
     for start in range(0, n, step):
         stop = min(start + step, n)
         y = None if targets is None else targets[start:stop]
-        grads = _chunk_gradients(model, params, slice_rows(inputs, start, stop), y, forward, loss, method)
+        grads = _chunk_gradients(model, params, slice_rows(inputs, start, stop), y, forward, loss, method, plan)
         rows = [_rows_of(g) for g in grads]
         moments.add(rows)
         whole = max(0, min(stop, m * batch_size) - start) // batch_size  # complete minibatches in this chunk
