@@ -33,7 +33,9 @@ def make_mlp(width: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def demo_module(lr: float = 1e-3, width: int = 128):
+def demo_module(lr: float = 0.1, width: int = 128):
+    """The demo MLP as a LightningModule, trained by plain SGD (the setting of the implicit-gradient-
+    regularization and SGD-noise papers, so their probes need no caveat)."""
     import pytorch_lightning as pl
 
     class DigitsMLP(pl.LightningModule):
@@ -57,7 +59,7 @@ def demo_module(lr: float = 1e-3, width: int = 128):
             self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=lr)
+            return torch.optim.SGD(self.parameters(), lr=lr)
 
     return DigitsMLP()
 
