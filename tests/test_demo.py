@@ -24,7 +24,8 @@ def test_demo_command_trains_logs_every_probe_and_prints_the_summary(tmp_path, c
     for probe in lb.ALL_PROBES:  # every probe that exists is in the demo and logged something
         assert any(t.startswith(f"biasprobe/{probe.name}/") for t in tags), probe.__name__
     steps = [e.step for e in events.Scalars("biasprobe/gc/logits")]
-    assert steps[0] == 0 and steps == sorted(steps) and len(steps) == 3  # start + 2 epoch ends
+    # start and end always; epoch ends unless GC's default 5% budget thinned them
+    assert steps[0] == 0 and steps == sorted(steps) and 2 <= len(steps) <= 3
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -134,8 +134,12 @@ def read_map_dataset(
     dataset, collate = loader.dataset, loader.collate_fn
     size = len(dataset)
 
+    # Datasets that fetch many items at once (``__getitems__``, as torch's DataLoader uses) are read
+    # that way; the result is the same list of examples the loader would collate.
+    fetch = getattr(dataset, "__getitems__", None) or (lambda ids: [dataset[i] for i in ids])
+
     def collated(idx: Sequence[int]) -> tuple[Any, Optional[Tensor]]:
-        parts = [_unpacked(collate([dataset[i] for i in idx[s:s + 256]]), unpack) for s in range(0, len(idx), 256)]
+        parts = [_unpacked(collate(fetch(list(idx[s:s + 256]))), unpack) for s in range(0, len(idx), 256)]
         xs = cat_rows([p[0] for p in parts])
         ys = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return xs, ys

@@ -56,7 +56,7 @@ class ProbeLogic:
             cross-entropy for integer targets, mean squared error for float targets.
         every_n_steps, every_n_epochs, log_spaced, at_start, at_end, max_overhead: the cadence
             (see :class:`Cadence`). When none of the first three is given, the probe's own
-            default cadence applies.
+            default cadence applies (it may include a default ``max_overhead`` budget).
         mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``
             (buffers are restored afterwards).
         strict: raise on a failed measurement instead of warning once and skipping it.
@@ -111,8 +111,12 @@ class ProbeLogic:
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
         cadence = dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced)
         if every_n_steps is None and every_n_epochs is None and not log_spaced:
+            # The probe's own default schedule, which may carry a default budget: an explicit
+            # schedule from the user is kept exactly (no budget unless asked for).
             cadence.update(self.default_cadence)
-        self.cadence = Cadence(**cadence, at_start=at_start, at_end=at_end, max_overhead=max_overhead)
+        if max_overhead is not None:
+            cadence["max_overhead"] = max_overhead
+        self.cadence = Cadence(**cadence, at_start=at_start, at_end=at_end)
         self.probe_data = "train" if probe_data is None else probe_data
         self.num_samples = num_samples
         self.stratify = stratify

@@ -22,7 +22,9 @@ class GeometricComplexityLogic(ProbeLogic):
 
     Logs ``biasprobe/gc/<output>`` (e.g. ``biasprobe/gc/logits``) and ``biasprobe/gc/seconds``.
     Default cadence: at the start, at the end of every epoch and at the end of training, on 256
-    training examples (class-balanced).
+    training examples (class-balanced), thinned so that the probe spends at most 5% of the time of
+    the training steps (``max_overhead=0.05``; on real runs, whose epochs are long, it never binds).
+    Any explicit schedule (``every_n_steps=...``) is kept exactly unless ``max_overhead`` is passed.
 
     Cost per measurement: one forward and ``C`` input-gradient backwards over the probe set
     (``estimator="exact"``), or ``k`` backwards with ``estimator="projection"`` — choose that for
@@ -38,7 +40,7 @@ class GeometricComplexityLogic(ProbeLogic):
     """
 
     name = "gc"
-    default_cadence = {"every_n_epochs": 1}
+    default_cadence = {"every_n_epochs": 1, "max_overhead": 0.05}
     default_num_samples = 256
 
     def __init__(
@@ -47,7 +49,7 @@ class GeometricComplexityLogic(ProbeLogic):
         estimator: Literal["exact", "projection"] = "exact",
         num_projections: int = 1,
         seed: int = 0,
-        chunk_size: Optional[int] = 256,
+        chunk_size: Optional[int] = 512,
         **kwargs: Any,
     ) -> None:
         if output not in ("logits", "probs", "log_probs"):

@@ -39,7 +39,7 @@ def geometric_complexity(
     estimator: Estimator = "exact",
     num_projections: int = 1,
     distribution: Literal["rademacher", "gaussian"] = "rademacher",
-    chunk_size: Optional[int] = 256,
+    chunk_size: Optional[int] = 512,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     reduction: Literal["mean", "none"] = "mean",
@@ -131,7 +131,9 @@ def _chunk_energy(model, inputs, forward, transform, estimator, k, distribution,
                 "under torch.no_grad, or does it detach?)"
             )
         n, c = out.shape
-        energy = torch.zeros(n, dtype=torch.float64, device=out.device)
+        # Squared gradients are summed elementwise across passes in the inputs' own dtype (cheap),
+        # and reduced over input dimensions once, in float64, at the end.
+        squares: list[Optional[Tensor]] = [None] * len(leaves)
         if estimator == "exact":
             # One input-gradient pass per output: the gradient of the batch sum of output c is
             # row c of every sample's Jacobian at once.
@@ -146,9 +148,13 @@ def _chunk_energy(model, inputs, forward, transform, estimator, k, distribution,
             grads = torch.autograd.grad(
                 target, leaves, grad_outputs=grad_outputs, retain_graph=i < passes - 1, allow_unused=True
             )
-            for g in grads:
+            for j, g in enumerate(grads):
                 if g is not None:
-                    energy += g.detach().reshape(n, -1).double().pow(2).sum(dim=1)
+                    squares[j] = g.square() if squares[j] is None else squares[j].addcmul_(g, g)
+        energy = torch.zeros(n, dtype=torch.float64, device=out.device)
+        for sq in squares:
+            if sq is not None:
+                energy += sq.reshape(n, -1).sum(dim=1, dtype=torch.float64)
         return energy / k if estimator == "projection" else energy
 
 
