@@ -32,6 +32,7 @@ STEPS_PER_EPOCH = 5          # per rank: the DistributedSampler gives each rank 
 EPOCHS = 3
 NUM_EXAMPLES = WORLD_SIZE * BATCH_SIZE * STEPS_PER_EPOCH   # 80
 SEED = 0
+LR = 0.1                     # plain SGD (the demo module's optimizer)
 
 
 def probes() -> list:
@@ -59,7 +60,7 @@ def main(out_dir: str) -> None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(demo_module(width=32), DataLoader(train, batch_size=BATCH_SIZE, shuffle=True))
+    trainer.fit(demo_module(lr=LR, width=32), DataLoader(train, batch_size=BATCH_SIZE, shuffle=True))
     report = {
         "global_rank": trainer.global_rank,
         "world_size": trainer.world_size,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ddp_fit import LR
 from test_ddp import _run_script
 
 EXPECTED = {"hessian": [0, 2, 4, 6, 8, 10, 12, 14, 15], "igr": [0, 2, 4, 6, 8, 10, 12, 14]}
@@ -52,10 +53,10 @@ def test_csv_rows_are_at_those_steps_with_finite_values(ddp_run):
         for row in logged:
             assert all(math.isfinite(float(row[c])) for c in columns), (name, row)
     igr = [row for row in rows if row["biasprobe/igr/seconds"] not in ("", None)]
-    # Adam at lr 1e-3 in the demo module: igr_term = (1e-3 / 4) * grad_norm_sq
+    # plain SGD at lr LR in the demo module: igr_term = (LR / 4) * grad_norm_sq
     for row in igr:
-        assert float(row["biasprobe/igr/lr"]) == pytest.approx(1e-3)
+        assert float(row["biasprobe/igr/lr"]) == pytest.approx(LR)
         norm_sq = float(row["biasprobe/igr/grad_norm_sq"])
-        assert float(row["biasprobe/igr/igr_term"]) == pytest.approx(1e-3 / 4 * norm_sq, rel=1e-9)
+        assert float(row["biasprobe/igr/igr_term"]) == pytest.approx(LR / 4 * norm_sq, rel=1e-9)
     hessian = [row for row in rows if row["biasprobe/hessian/seconds"] not in ("", None)]
     assert all(float(row["biasprobe/hessian/top_eigenvalue"]) > 0 for row in hessian)
