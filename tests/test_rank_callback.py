@@ -1,5 +1,6 @@
 """EffectiveRank callback: logged values equal the functional ones, validation accumulation, bad input."""
 
+import sys
 import warnings
 
 import pytest
@@ -121,3 +122,19 @@ def test_validation_mode_respects_the_overhead_budget_but_always_measures_at_the
     # The first validation is within budget (nothing spent yet); the second is over it and skipped;
     # the final one is the at_end point, which ignores the budget (as the base class does).
     assert probe.measured_steps == [6, 18] and probe.skipped_for_budget == 1
+
+
+def test_without_matplotlib_the_profile_figure_is_left_out_and_nothing_else_changes(tmp_path, monkeypatch):
+    """matplotlib is optional (the `plot` extra): without it the scalars and histograms still arrive."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    pl.seed_everything(0, verbose=False)
+    probe = EffectiveRank(num_samples=64)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer([probe], max_epochs=1, logger=tb).fit(BNDropoutNet(), loader(blobs()))
+    assert probe.failures == 0 and probe.measured_steps == [0, 6]
+    events = EventAccumulator(tb.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("biasprobe/rank/net.7/erank_features")] == [0, 6]
+    assert "biasprobe/rank/net.3/singular_values" in events.Tags()["histograms"]
+    assert events.Tags()["images"] == []
