@@ -211,7 +211,7 @@ class ProbeLogic:
             self.current_step = step
             with isolated(module, self.mode) if self.isolate else torch.no_grad():
                 raw = self.measure(module, probe)
-            values = {k: float(v) for k, v in raw.items()}
+            values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in raw.items()}
             bad = sorted(k for k, v in values.items() if not math.isfinite(v))
             if bad:
                 raise FloatingPointError(f"non-finite value for {', '.join(bad)}")
