@@ -47,3 +47,13 @@ def test_first_examples_without_stratification_and_from_an_explicit_loader():
     assert probe.indices == list(range(7)) and probe.inputs.flatten().tolist() == list(range(7))
     from_loader = read_loader(DataLoader(data, batch_size=4), 10, default_unpack)
     assert len(from_loader) == 10 and from_loader.inputs.flatten().tolist() == list(range(10))
+
+
+def test_tensor_dataset_fast_path_equals_collating_examples():
+    data = TensorDataset(torch.randn(60, 4), torch.arange(60) % 5)
+    fast = read_map_dataset(DataLoader(data, batch_size=8), 20, default_unpack)
+    slow = read_map_dataset(DataLoader(data, batch_size=8, collate_fn=lambda b: torch.utils.data.default_collate(b)),
+                            20, default_unpack)
+    assert fast.indices == slow.indices
+    assert torch.equal(fast.inputs, slow.inputs) and torch.equal(fast.targets, slow.targets)
+    assert torch.bincount(fast.targets).tolist() == [4, 4, 4, 4, 4]

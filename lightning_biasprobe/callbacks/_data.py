@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, default_collate
 
 from .._tree import cat_rows, detach_to, index_rows, num_rows, slice_rows
 
@@ -135,11 +135,16 @@ def read_map_dataset(
     size = len(dataset)
 
     # Datasets that fetch many items at once (``__getitems__``, as torch's DataLoader uses) are read
-    # that way; the result is the same list of examples the loader would collate.
+    # that way; the result is the same list of examples the loader would collate. A TensorDataset
+    # with the default collate is indexed directly: the same batch, without per-example Python calls.
     fetch = getattr(dataset, "__getitems__", None) or (lambda ids: [dataset[i] for i in ids])
+    if isinstance(dataset, TensorDataset) and collate is default_collate:
+        read = lambda ids: [t[torch.as_tensor(ids, dtype=torch.long)] for t in dataset.tensors]  # noqa: E731
+    else:
+        read = lambda ids: collate(fetch(ids))  # noqa: E731
 
     def collated(idx: Sequence[int]) -> tuple[Any, Optional[Tensor]]:
-        parts = [_unpacked(collate(fetch(list(idx[s:s + 256]))), unpack) for s in range(0, len(idx), 256)]
+        parts = [_unpacked(read(list(idx[s:s + 256])), unpack) for s in range(0, len(idx), 256)]
         xs = cat_rows([p[0] for p in parts])
         ys = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return xs, ys

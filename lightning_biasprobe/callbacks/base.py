@@ -374,6 +374,14 @@ class ProbeLogic:
     # ----------------------------------------------------------------- checkpoint state
     @property
     def state_key(self) -> str:
+        # Lightning reads state_key around every hook call (thousands of times per epoch): build it
+        # once, at first use, when every subclass argument is set.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._make_state_key()
+        return key
+
+    def _make_state_key(self) -> str:
         fields = dict(name=self.log_name, num_samples=self.num_samples, mode=self.mode,
                       every_n_steps=self.cadence.every_n_steps, every_n_epochs=self.cadence.every_n_epochs,
                       log_spaced=self.cadence.log_spaced, probe_data=self.probe_data
