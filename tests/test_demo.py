@@ -26,10 +26,16 @@ def test_demo_command_trains_logs_every_probe_and_prints_the_summary(tmp_path, c
     steps = [e.step for e in events.Scalars("biasprobe/gc/logits")]
     # start and end always; epoch ends unless GC's default 5% budget thinned them
     assert steps[0] == 0 and steps == sorted(steps) and 2 <= len(steps) <= 3
+    # the demo ends with the HTML report of its run, and prints where it is
+    page = out / "report" / "index.html"
+    assert page.is_file() and f"  {page}" in printed.splitlines()
+    assert len(list((out / "report").glob("*.png"))) > 20
 
 
 def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lightning_biasprobe", "demo", "--out", str(tmp_path),
-                             "--epochs", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+                             "--epochs", "1", "--no-progress", "--no-report"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tensorboard --logdir" in result.stdout and "biasprobe/gc/logits" in result.stdout
+    assert not (tmp_path / "report").exists()  # --no-report

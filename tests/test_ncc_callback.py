@@ -206,3 +206,13 @@ def test_missing_targets_and_unknown_layers_fail_at_setup():
 def test_bad_arguments_fail_at_construction(kwargs, error):
     with pytest.raises(error):
         EffectiveDepth(**kwargs)
+
+
+def test_a_single_layer_profile_survives_the_validation_reduction():
+    # torchmetrics squeezes one-element results of compute(): one layer means a (1,) state.
+    pl.seed_everything(0, verbose=False)
+    model = BNDropoutNet()
+    probe = EffectiveDepth(layers=["net.3"], num_samples=60, strict=True)
+    trainer([probe], max_epochs=1).fit(model, loader(blobs()), loader(same_blobs(40, seed=5), shuffle=False))
+    assert 0.0 <= probe.last_values["biasprobe/ncc/net.3/heldout_acc"] <= 1.0
+    assert probe.failures == 0

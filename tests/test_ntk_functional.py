@@ -454,9 +454,24 @@ def test_bad_input_is_refused_with_a_clear_message():
         empirical_ntk(nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5)).double(), x)
     with pytest.raises(ValueError, match=r"max_memory.*NTKOperator"):
         empirical_ntk(model, torch.randn(64, 5, dtype=F64), max_memory=100_000)
-    with pytest.raises(ValueError, match="lower chunk_size"):  # the kernel fits, the features do not
+    with pytest.raises(ValueError, match="one sample's kernel features"):  # the kernel fits, no feature does
         empirical_ntk(model, torch.randn(64, 5, dtype=F64), kind="trace", max_memory=33_000)
     with pytest.raises(ValueError, match=r"class targets must lie in \[0, 2\]"):
         kernel_alignment(empirical_ntk(model, x), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="does not match 5 samples"):
         kernel_alignment(empirical_ntk(model, x), torch.tensor([0, 1, 2, 0, 1]))
+
+
+@pytest.mark.parametrize("kind", ["block", "trace"])
+def test_a_tight_memory_budget_shrinks_the_chunk_instead_of_failing(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.LayerNorm(40), nn.Linear(40, 3)).double()
+    x = torch.randn(24, 6, dtype=F64)
+    whole = empirical_ntk(model, x, kind=kind)
+    kernel_bytes = whole.numel() * 8
+    # Room for about 3 samples' features beside the kernel: the default chunk (24) would not fit.
+    from lightning_biasprobe.functional._ntk_structured import Engine, make_plan
+    plan = make_plan(model, x, None, "auto", kind=kind, chunk_size=24)
+    per_sample = Engine(model, x, None, plan, kind, None).features(0, 1).nbytes()
+    tight = empirical_ntk(model, x, kind=kind, max_memory=kernel_bytes + 6 * per_sample + 8)
+    torch.testing.assert_close(tight, whole, rtol=1e-12, atol=1e-12)

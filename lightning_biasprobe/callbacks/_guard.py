@@ -16,6 +16,9 @@ change a seeded run's final weights, so each is undone here:
   checks each parameter's ``.grad`` identity and version and warns if a measurement broke that rule.
 - autocast is disabled and grad mode enabled inside the guard (measurements need float32+ and
   gradients, whatever the hook they are called from).
+- scaled-dot-product attention uses its math kernel inside the guard: the fused CPU/CUDA kernels
+  (flash, memory-efficient) have no double backward and no ``vmap`` batching rule, which Hessian
+  products, per-sample gradients and Jacobians need; the math kernel computes the same function.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    sdpa_kernel = None
 
 
 def _cuda_devices(module: nn.Module) -> list[int]:
@@ -42,6 +50,11 @@ def _device_type(module: nn.Module) -> str:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device.type
     return "cpu"
+
+
+def differentiable_attention() -> contextlib.AbstractContextManager:
+    """Scaled-dot-product attention on its math kernel (higher-order and vmap-able derivatives)."""
+    return sdpa_kernel([SDPBackend.MATH]) if sdpa_kernel is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -61,7 +74,7 @@ def isolated(module: nn.Module, mode: Literal["eval", "train"] = "eval") -> Iter
     device_type = _device_type(module)
     try:
         with torch.random.fork_rng(devices=_cuda_devices(module)), torch.enable_grad(), \
-                torch.autocast(device_type=device_type, enabled=False):
+                torch.autocast(device_type=device_type, enabled=False), differentiable_attention():
             module.train(mode == "train")
             yield module
     finally:

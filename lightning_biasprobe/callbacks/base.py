@@ -34,6 +34,16 @@ ProbeData = Union[None, str, Tensor, tuple, list, dict, Iterable]
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); a LightningModule's ``device`` otherwise."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    device = getattr(module, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
 class ProbeSkipped(RuntimeError):
     """A measurement could not be made at this point (the reason is in the message)."""
 
@@ -54,9 +64,17 @@ class ProbeLogic:
         forward: ``(module, inputs) -> outputs``; default ``module(inputs)``.
         loss_fn: ``(outputs, targets) -> scalar loss`` for probes that need a loss; default
             cross-entropy for integer targets, mean squared error for float targets.
-        every_n_steps, every_n_epochs, log_spaced, at_start, at_end, max_overhead: the cadence
-            (see :class:`Cadence`). When none of the first three is given, the probe's own
-            default cadence applies (it may include a default ``max_overhead`` budget).
+        every_n_steps: measure after every n-th optimizer step (global step divisible by n).
+            When none of ``every_n_steps``, ``every_n_epochs`` and ``log_spaced`` is given, the
+            probe's own default cadence applies (it may include a default ``max_overhead``).
+        every_n_epochs: measure at the end of every n-th training epoch.
+        log_spaced: measure at global steps ``floor(5 * 1.15**k)`` (Baratin et al. 2021): dense
+            early, sparse late.
+        at_start: measure before the first optimizer step (global step 0).
+        at_end: measure when training ends (never skipped for the budget).
+        max_overhead: a fraction of training-step time (e.g. 0.05): a scheduled measurement is
+            skipped while this probe has spent more than that fraction of the time spent in
+            training steps so far; ``None``: no budget.
         mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``
             (buffers are restored afterwards).
         strict: raise on a failed measurement instead of warning once and skipping it.
@@ -227,8 +245,7 @@ class ProbeLogic:
         return values
 
     def _probe_on(self, module: nn.Module) -> ProbeSet:
-        leaves = [p for p in module.parameters()] or [b for b in module.buffers()]
-        device = leaves[0].device if leaves else torch.device("cpu")
+        device = module_device(module)
         current = tree_leaves(self._probe.inputs)
         if current and current[0].device != device:
             self._probe = self._probe.to(device)
@@ -266,7 +283,7 @@ class ProbeLogic:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is not None and trainer.is_global_zero:
             if self._collector.add(batch):
-                self._set_probe(self._collector.result(), pl_module.device)
+                self._set_probe(self._collector.result(), module_device(pl_module))
                 self._collector = None
                 if self.cadence.at_start and trainer.global_step == 0:
                     self._maybe_measure(trainer, pl_module, force=True)
@@ -313,7 +330,7 @@ class ProbeLogic:
                 probe = from_tensors(source, self.num_samples, self.unpack_batch)
             else:
                 probe = read_loader(source, self.num_samples, self.unpack_batch)
-        self._set_probe(probe, pl_module.device)
+        self._set_probe(probe, module_device(pl_module))
 
     @staticmethod
     def _loader(trainer: Any, source: str) -> Any:

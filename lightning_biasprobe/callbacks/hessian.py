@@ -64,7 +64,8 @@ class HessianCurvatureLogic(ProbeLogic):
         trace: estimate the trace (Hutch++).
         trace_products: products for the trace (``>= 4``); the error falls about as ``1/trace_products``.
         density: spectral density by SLQ, logged as a histogram where the logger supports it.
-        density_steps, density_runs: Lanczos steps per run and runs of the SLQ.
+        density_steps: Lanczos steps per run of the stochastic Lanczos quadrature (SLQ).
+        density_runs: independent SLQ runs (random start vectors) averaged into the density.
         blocks: ``None`` (default, off), ``"auto"`` (every module that owns trainable
             parameters) or a list of module names: per-block top eigenvalue and trace.
         hvp_method: Hessian-vector product variant, see

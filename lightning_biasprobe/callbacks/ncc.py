@@ -14,7 +14,7 @@ from ..functional._layers import FeatureCapture, LayerSpec, SequencePool
 from ..functional.ncc import LayerClassMeans, _labels, heldout_correct, ncc_train_statistics
 from ._data import ProbeSet, from_tensors
 from .rank import _ValidationAccumulation, _check_chunk_size, _describe_pool
-from .base import ProbeLogic, ProbeSkipped
+from .base import ProbeLogic, ProbeSkipped, module_device
 
 Heldout = Union[None, str, Tensor, tuple, list, dict, Iterable]
 
@@ -80,8 +80,13 @@ class EffectiveDepthLogic(_ValidationAccumulation, ProbeLogic):
             depth order. An unknown name fails at setup with the list of names that exist.
         epsilon: the effective depth's error threshold (default 0.01).
         heldout: ``"val"``, fixed held-out data, or ``None`` (see above).
-        conv_pool, sequence_pool, max_dim, seed: feature reduction and projection, as
-            :class:`EffectiveRank`.
+        conv_pool: ``"gap"`` (global average pooling, default) or ``"flatten"`` for conv maps.
+        sequence_pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"flatten"`` or a callable for
+            ``(N, T, D)`` outputs.
+        max_dim: CountSketch layers wider than this to this many features (default 256; ``None``:
+            exact, memory ``N x D`` per layer). Class means and NCC decisions are distances, which
+            the sketch preserves approximately.
+        seed: seed of the sketches (the same sketch at every measurement).
         clip: upper clip of the logged NC1 and CDNV.
         chunk_size: examples per forward.
         figures: log the per-layer profile figure where possible.
@@ -218,7 +223,7 @@ class EffectiveDepthLogic(_ValidationAccumulation, ProbeLogic):
 
     def _on_plan(self, plan: dict, pl_module: Any) -> None:
         self.capture.refs = list(plan["refs"])
-        device = pl_module.device
+        device = module_device(pl_module)
         plan["classifiers"] = {k: LayerClassMeans(c.classes.to(device), c.means.to(device))
                                for k, c in plan["classifiers"].items()}
 

@@ -21,7 +21,7 @@ from ..functional.ncc import FeatureStatistics
 from ..functional.rank import layer_spectra, rank_measures, spectrum_of
 from ._data import ProbeSet
 from ._guard import isolated
-from .base import ProbeLogic, ProbeSkipped
+from .base import ProbeLogic, ProbeSkipped, module_device
 
 
 class SumStatistics(Metric):
@@ -36,6 +36,8 @@ class SumStatistics(Metric):
     def __init__(self, template: dict[str, Tensor]) -> None:
         super().__init__()
         self._fields = list(template)
+        # torchmetrics squeezes one-element results of compute(): restore the shapes with these.
+        self.shapes = {name: tuple(value.shape) for name, value in template.items()}
         for i, (name, value) in enumerate(template.items()):
             self.add_state(f"s{i}", default=torch.zeros_like(value, dtype=torch.float64, device="cpu"),
                            dist_reduce_fx="sum")
@@ -134,7 +136,7 @@ class _ValidationAccumulation:
         if plan is None:
             return
         template = dict(self._template(plan), failed=torch.zeros((), dtype=torch.float64))
-        metric = SumStatistics(template).to(pl_module.device)
+        metric = SumStatistics(template).to(module_device(pl_module))
         self._acc = {"plan": plan, "metric": metric, "seconds": time.perf_counter() - started,
                      "step": trainer.global_step}
         self._on_plan(plan, pl_module)
@@ -193,7 +195,7 @@ class _ValidationAccumulation:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*before the ``update``.*")
             totals = acc["metric"].compute()  # a collective: every rank calls it
-        totals = {k: v.detach().cpu() for k, v in totals.items()}
+        totals = {k: v.detach().cpu().reshape(acc["metric"].shapes[k]) for k, v in totals.items()}
         seconds = acc["seconds"] + time.perf_counter() - started
         if not trainer.is_global_zero:
             return

@@ -108,3 +108,22 @@ def print_summary(result: dict) -> None:
         print(f"{key:<{width}}  {metrics[key]:.6g}")
     print(f"\ntrained in {result['seconds']:.1f} s; logs in {os.path.abspath(result['logdir'])}")
     print(f"open them with:\n  tensorboard --logdir {result['root']}")
+
+
+def write_demo_report(result: dict) -> Optional[str]:
+    """Write the report of the demo run into ``<out>/report`` and print its path; without
+    matplotlib, print how to get it instead. Returns the page's path (``None`` if not written)."""
+    from ..report import PLOT_EXTRA_HINT, MissingPlotExtra, ReportError, write_report
+
+    out = os.path.join(result["root"], "report")
+    try:
+        report = write_report([result["logdir"]], out)
+    except MissingPlotExtra:
+        print(f"\nthe HTML report needs matplotlib: {PLOT_EXTRA_HINT}, then\n"
+              f"  biasprobe report {result['logdir']} --out {out}")
+        return None
+    except ReportError as err:  # e.g. a demo run with no probes: the training result still stands
+        print(f"\nno report: {err}")
+        return None
+    print(f"\nreport ({len(report.panels)} panels, {report.seconds:.1f} s):\n  {report.path}")
+    return report.path

@@ -798,14 +798,33 @@ def symmetrize_(K: Tensor, tile: int = 256) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- driver
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
 def run_blocks(engine: Engine, n: int, chunk: int, sink: Callable[[int, int, int, int, _Features, _Features], None],
-               cache_bytes: Optional[int], memory_check: Optional[Callable[[_Features], None]] = None) -> None:
+               cache_bytes: Optional[int], feature_budget: Optional[int] = None) -> None:
     """Call ``sink(i0, i1, j0, j1, FI, FJ)`` for every pair of chunks with ``j <= i``.
 
     Features of every chunk are kept when they fit in ``cache_bytes`` (estimated from the first
     chunk); otherwise the features of earlier chunks are recomputed for each pair, so that peak
-    memory stays at two chunks' features.
+    memory stays at two chunks' features. With ``feature_budget`` (bytes for those two chunks),
+    the chunk is first shrunk to fit: features grow linearly with the samples, so one sample's
+    features give the size (a wide model under the Jacobian route needs ``C x P`` floats per
+    sample, and a fixed chunk would otherwise allocate gigabytes before any check).
     """
+    if feature_budget is not None:
+        per_sample = engine.features(0, 1).nbytes()
+        fit = int(feature_budget // max(1, 2 * per_sample))
+        if fit < 1:
+            raise ValueError(
+                f"one sample's kernel features take {_fmt_bytes(per_sample)} (two are alive at once), more than the "
+                f"{_fmt_bytes(feature_budget)} that max_memory leaves besides the kernel; raise max_memory")
+        chunk = min(chunk, fit)
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     engine.streaming = len(bounds) == 1 and engine.kind != "block"
     cache: dict[int, _Features] = {}
@@ -813,8 +832,6 @@ def run_blocks(engine: Engine, n: int, chunk: int, sink: Callable[[int, int, int
     for bi, (i0, i1) in enumerate(bounds):
         FI = cache.get(bi) or engine.features(i0, i1)
         if keep is None:
-            if memory_check is not None:
-                memory_check(FI)
             keep = len(bounds) > 1 and (cache_bytes is None or FI.nbytes() * len(bounds) <= cache_bytes)
         if keep:
             cache[bi] = FI

@@ -41,8 +41,8 @@ from torch.func import functional_call, jvp
 from .._tree import num_rows, slice_rows
 from ._adapters import ForwardFn, model_outputs, per_sample_outputs
 from ._lanczos import lanczos_eigenvalues
-from ._ntk_structured import (KINDS, Engine, NTKPlan, _Bound, check_independent_samples, make_plan, run_blocks,
-                              symmetrize_)
+from ._ntk_structured import (KINDS, Engine, NTKPlan, _Bound, _fmt_bytes, check_independent_samples, make_plan,
+                              run_blocks, symmetrize_)
 
 Kind = Literal["block", "trace", "diagonal"]
 Method = Literal["auto", "jacobian"]
@@ -73,14 +73,6 @@ def _check_common(kind: str, chunk_size: Any, method: str, max_memory: Any) -> N
         raise ValueError(f"method must be 'auto' or 'jacobian', got {method!r}")
     if max_memory is not None and (not isinstance(max_memory, (int, float)) or max_memory <= 0):
         raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -199,7 +191,7 @@ def empirical_ntk(
             if i0 != j0:
                 K[:, j0:j1, i0:i1] = K[:, i0:i1, j0:j1].transpose(1, 2)
 
-    run_blocks(engine, N, chunk_size, sink, cache, memory_check=_feature_guard(max_memory, kernel_bytes))
+    run_blocks(engine, N, chunk_size, sink, cache, feature_budget=_feature_budget(max_memory, kernel_bytes))
     # Gram blocks of a chunk with itself are symmetric up to rounding; make the result exactly so.
     if kind == "diagonal":
         for c in range(C):
@@ -209,21 +201,9 @@ def empirical_ntk(
     return K.reshape(C * N, C * N) if kind == "block" else K
 
 
-def _feature_guard(max_memory: Optional[float], kernel_bytes: int):
-    """Raises once the features of two chunks would push the total past ``max_memory``."""
-
-    def check(features: Any) -> None:
-        if max_memory is None:
-            return
-        need = kernel_bytes + 2 * features.nbytes()
-        if need > max_memory:
-            raise ValueError(
-                f"the per-chunk features need {_fmt_bytes(2 * features.nbytes())} on top of the "
-                f"kernel's {_fmt_bytes(kernel_bytes)}, more than max_memory={_fmt_bytes(max_memory)}; "
-                "lower chunk_size or raise max_memory"
-            )
-
-    return check
+def _feature_budget(max_memory: Optional[float], kernel_bytes: int) -> Optional[int]:
+    """Bytes left for two chunks' features once the kernel (or accumulators) are allocated."""
+    return None if max_memory is None else max(0, int(max_memory - kernel_bytes))
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -625,7 +605,7 @@ class NTKOperator:
         engine = Engine(self.model, self.inputs, self.forward, plan, "block", self.compute_dtype)
         cache = DEFAULT_CACHE_BYTES if self.max_memory is None else max(0, int(self.max_memory - acc_bytes))
         run_blocks(engine, N, self.chunk_size, sink, cache,
-                   memory_check=_feature_guard(self.max_memory, acc_bytes))
+                   feature_budget=_feature_budget(self.max_memory, acc_bytes))
         Q = R.sum(dim=1)                                             # Q[c, c'] = 1_c^T K 1_c'
         centered_fro2 = fro2 - 2.0 / N * R.pow(2).sum() + Q.pow(2).sum() / N**2
         centered_trace = trace - torch.diagonal(Q).sum() / N
