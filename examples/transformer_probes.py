@@ -31,6 +31,8 @@ import lightning_biasprobe as lb
 NOT_APPLICABLE = {
     "GeometricComplexity": "it differentiates the outputs with respect to the inputs; token ids are integers "
                            "(an input gradient exists only for the embeddings)",
+    "SimplicityBias": "it randomizes coordinates of one input tensor across examples; this model takes a "
+                      "(tokens, target) pair of token tensors",
     "FunctionFrequency": "it evaluates the model on straight lines between two inputs; there is no point "
                          "halfway between two token sequences",
 }

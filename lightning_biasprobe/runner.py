@@ -25,7 +25,6 @@ calls counts as training time for the ``max_overhead`` budgets.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Optional, Union

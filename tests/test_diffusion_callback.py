@@ -232,3 +232,16 @@ def test_a_model_that_changed_shape_is_skipped_with_a_reason():
         assert probe.run_measurement(nn.Linear(4, 2), step=1) is None
     assert probe.failures == 1
     assert math.isfinite(probe.run_measurement(model, step=2)["distance"])
+
+
+def test_fused_norms_over_bounded_groups_equal_the_per_tensor_sum(monkeypatch):
+    from lightning_biasprobe.callbacks import diffusion
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(7, 5, generator=g) for _ in range(5)] + [torch.randn(100, generator=g)]
+    b = [torch.randn(t.shape, generator=g) for t in a]
+    expected = sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b))
+    for group in (1, 50, 10**9):  # one tensor per group, several, all in one
+        monkeypatch.setattr(diffusion, "_GROUP_ELEMENTS", group)
+        assert diffusion._sum_sq(a, b) == pytest.approx(expected, rel=1e-12)
+        assert diffusion._sum_sq(a) == pytest.approx(sum(float(x.double().pow(2).sum()) for x in a), rel=1e-12)

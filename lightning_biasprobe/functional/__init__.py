@@ -43,7 +43,20 @@ from .noise import (
 )
 from .rank import LayerSpectrum, effective_rank, layer_spectra, rank_measures, rankme, stable_rank
 
+from .simplicity import (
+    SimplicityBiasResult,
+    class_predictions,
+    randomize_coordinates,
+    randomized_accuracy,
+    simplicity_bias,
+)
+
 __all__ = [
+    "SimplicityBiasResult",
+    "class_predictions",
+    "randomize_coordinates",
+    "randomized_accuracy",
+    "simplicity_bias",
     "DiffusionFit",
     "FeatureStatistics",
     "GradientNoiseStatistics",
