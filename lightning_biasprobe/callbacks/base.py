@@ -236,13 +236,53 @@ class ProbeLogic:
         except Exception as err:  # noqa: BLE001 - the failure policy: never kill a training run
             if self.strict:
                 raise
-            self.failures += 1
-            self._warn_once(step, err)
+            self.fail(step, err)
             return None
         finally:
             self._probe_seconds += time.perf_counter() - started
         values["seconds"] = time.perf_counter() - started
         return values
+
+    # ----------------------------------------------------------------- for probes that measure elsewhere
+    # Probes whose values come from another hook (an optimizer step's gradients, a whole validation
+    # epoch) use these three instead of ``run_measurement``; the policy stays the base's.
+    def fail(self, step: int, err: BaseException) -> None:
+        """The failure policy: raise with ``strict``, else count the failure and warn once per kind."""
+        if self.strict:
+            raise err
+        self.failures += 1
+        self._warn_once(step, err)
+
+    def claim_step(self, step: int, force: bool = False) -> bool:
+        """Whether a point may be made at ``step`` now (not yet attempted there, within the budget).
+
+        ``True`` also marks ``step`` as attempted, so no other hook measures it again; a point skipped
+        for the budget is counted in ``skipped_for_budget``. ``force`` (the ``at_end`` point) ignores
+        the budget.
+        """
+        if step == self._last_attempted_step:
+            return False
+        if not force and not self.cadence.within_budget(self._probe_seconds, self._train_seconds):
+            self.skipped_for_budget += 1
+            return False
+        self._last_attempted_step = self._last_considered_step = step
+        return True
+
+    def record(self, trainer: Any, step: int, values: Mapping[str, Union[float, Tensor]], seconds: float,
+               seconds_key: str = "seconds") -> bool:
+        """Log a point measured outside :meth:`run_measurement` at ``step``; ``seconds`` counts in the budget.
+
+        Non-finite values are a failure (the failure policy applies). Returns whether it was logged.
+        """
+        self._probe_seconds += seconds
+        floats = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
+        bad = sorted(k for k, v in floats.items() if not math.isfinite(v))
+        if bad:
+            self.fail(step, FloatingPointError(f"non-finite value for {', '.join(bad)}"))
+            return False
+        floats[seconds_key] = seconds
+        self.log_values(trainer, step, floats)
+        return True
 
     def _probe_on(self, module: nn.Module) -> ProbeSet:
         device = module_device(module)
@@ -362,10 +402,8 @@ class ProbeLogic:
             return
         if self._collector is not None:  # still filling the probe set from passing batches
             return
-        if not force and not self.cadence.within_budget(self._probe_seconds, self._train_seconds):
-            self.skipped_for_budget += 1
+        if not self.claim_step(step, force):
             return
-        self._last_attempted_step = step
         values = self.run_measurement(pl_module, step)
         if values is not None:
             self.log_values(trainer, step, values)

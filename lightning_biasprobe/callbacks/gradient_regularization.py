@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Any, Optional
@@ -145,7 +144,8 @@ class GradientRegularizationLogic(ProbeLogic):
             values = self.read_gradients(optimizer)
         except Exception as err:  # noqa: BLE001 - the failure policy: never kill a training run
             self._latest = None
-            self._fail(trainer, step, err)
+            self._last_attempted_step = step
+            self.fail(step, err)
             return
         self._latest = (step, values, time.perf_counter() - started)
         if due:
@@ -160,31 +160,13 @@ class GradientRegularizationLogic(ProbeLogic):
             self._emit(trainer, force=True)
 
     # ----------------------------------------------------------------- plumbing
-    def _fail(self, trainer: Any, step: int, err: BaseException) -> None:
-        self._last_attempted_step = step
-        if self.strict:
-            raise err
-        self.failures += 1
-        self._warn_once(step, err)
-
     def _emit(self, trainer: Any, force: bool = False) -> None:
         """Log the latest optimizer step's point at its own step, once."""
         if self._latest is None:
             return
         step, tensors, seconds = self._latest
-        if step == self._last_attempted_step:
+        if not self.claim_step(step, force):
             return
-        if not force and not self.cadence.within_budget(self._probe_seconds, self._train_seconds):
-            self.skipped_for_budget += 1
-            return
-        self._last_attempted_step = step
         started = time.perf_counter()
         values = {k: float(v) for k, v in tensors.items()}  # the one host synchronisation
-        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-        seconds += time.perf_counter() - started
-        self._probe_seconds += seconds
-        if bad:
-            self._fail(trainer, step, FloatingPointError(f"non-finite value for {', '.join(bad)} (inf/NaN gradients)"))
-            return
-        values["seconds"] = seconds
-        self.log_values(trainer, step, values)
+        self.record(trainer, step, values, seconds + time.perf_counter() - started)

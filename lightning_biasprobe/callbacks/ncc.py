@@ -13,13 +13,14 @@ from .._tree import detach_to, num_rows
 from ..functional._layers import FeatureCapture, LayerSpec, SequencePool
 from ..functional.ncc import LayerClassMeans, _labels, heldout_correct, ncc_train_statistics
 from ._data import ProbeSet, from_tensors
-from .rank import _ValidationAccumulation, _check_chunk_size, _describe_pool
+from ._validation import ValidationAccumulation
+from .rank import _check_chunk_size, _describe_pool
 from .base import ProbeLogic, ProbeSkipped, module_device
 
 Heldout = Union[None, str, Tensor, tuple, list, dict, Iterable]
 
 
-class EffectiveDepthLogic(_ValidationAccumulation, ProbeLogic):
+class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
     r"""Logs each layer's nearest-class-center (NCC) accuracy and the network's effective depth.
 
     Galanti, Galanti, Ben-Shaul (2022), "On the Implicit Bias Towards Minimal Depth of Deep Neural
