@@ -16,7 +16,7 @@ import lightning_biasprobe as lb
 from lightning_biasprobe.cli import main
 from lightning_biasprobe.cli.demo import run_demo, write_demo_report
 from lightning_biasprobe.report import MissingPlotExtra, ReportError, choose_steps, plan_sections, write_report
-from lightning_biasprobe.report.plotting import rebin, render_panel, spans_decades
+from lightning_biasprobe.report.plotting import draw_panel, rebin, render_panel, short_names, spans_decades
 from lightning_biasprobe.report.reading import Histogram, read_runs, run_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,6 +160,14 @@ def test_two_runs_overlay_in_one_panel(two_run_report):
     with open(two_run_report.path, encoding="utf-8") as f:
         page = f.read()
     assert full.path in page and other.path in page
+    # and each in the legend of a single-quantity panel, under its own label
+    fig, _ = render_panel(by_id["gc-logits"], two_run_report.runs)
+    assert _legend_texts(fig) == [full.label, other.label]
+
+
+def _legend_texts(fig) -> list[str]:
+    legend = fig.axes[0].get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
 
 
 def _write_run(logdir, scalars: dict, histograms: dict = ()):  # tag -> [(step, value)] / [(step, array)]
@@ -297,6 +305,77 @@ def test_every_probe_has_a_title_and_paper_in_the_catalog():
         assert title and paper and paper.split()[0] in PROBE_CITATIONS[cls.name]
 
 
+def test_curve_panel_legend_names_every_run_by_its_own_label(tmp_path):
+    # The runs of the bug report: four versions in one log directory and one in another. The legend
+    # of a single-quantity panel used to repeat the last run's label for every curve.
+    runs_dirs = [tmp_path / "tr" / f"version_{v}" for v in range(4)] + [tmp_path / "tr2" / "version_0"]
+    for i, path in enumerate(runs_dirs):
+        scalars = {"biasprobe/hessian/top_eigenvalue": [(s, 10.0 * (i + 1) + s) for s in (0, 5, 10)],
+                   "biasprobe/rank/net.1/erank_features": [(s, 1.0 + i) for s in (0, 5, 10)],
+                   "biasprobe/rank/net.3/erank_features": [(s, 2.0 + i) for s in (0, 5, 10)]}
+        if i == 1:  # a run without a quantity is left out of that quantity's legend
+            scalars["biasprobe/gc/logits"] = [(0, 1.0), (5, 2.0)]
+        _write_run(path, scalars)
+    runs = read_runs([str(tmp_path / "tr"), str(tmp_path / "tr2")])
+    labels = [r.label for r in runs]
+    assert labels == ["tr/version_0", "tr/version_1", "tr/version_2", "tr/version_3", "tr2/version_0"]
+    panels = {p.id: p for s in plan_sections(runs) for p in s.panels}
+
+    fig, drawn = render_panel(panels["hessian-top_eigenvalue"], runs)
+    texts = _legend_texts(fig)
+    assert texts == labels and len(set(texts)) == len(runs) and drawn == labels
+    # each entry has the colour of its run's curve (the curves differ: 10, 20, ... at step 0)
+    legend_colors = [h.get_color() for h in fig.axes[0].get_legend().legend_handles]
+    by_start = {line.get_ydata()[0]: line.get_color() for line in fig.axes[0].get_lines()}
+    assert legend_colors == [by_start[10.0 * (i + 1)] for i in range(len(runs))]
+
+    fig, drawn = render_panel(panels["gc-logits"], runs)
+    assert _legend_texts(fig) == drawn == ["tr/version_1"]
+    # per-layer curves: layers by colour, then every run by its own label (line style)
+    fig, _ = render_panel(panels["rank-erank_features-per-layer"], runs)
+    assert _legend_texts(fig) == ["net.1", "net.3"] + labels
+
+
+def test_profile_panels_fit_long_layer_names_inside_the_png(tmp_path):
+    layers = [f"model.transformer.encoder.layers.{i}-mean" for i in range(3)] + ["model.head"]
+    logdir = _write_run(tmp_path / "run", {f"biasprobe/rank/{layer}/erank_features": [(s, 1.0 + i + s)
+                                                                                     for s in (0, 10, 20)]
+                                           for i, layer in enumerate(layers)})
+    report = write_report([logdir], str(tmp_path / "out"))
+    panel = next(p for p in report.panels if p.kind == "profile")
+    fig, _ = render_panel(panel, report.runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ticks) == len(layers)
+    for artist in [*ticks, *ax.get_yticklabels(), ax.xaxis.label, ax.yaxis.label]:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, \
+            (artist.get_text(), box)
+    # the labels are distinct, short, and say what was cut; the page's caption has the full names
+    texts = [t.get_text() for t in ticks]
+    assert len(set(texts)) == len(layers) and max(map(len, texts)) <= 23
+    assert texts[-1] == "head" and texts[0].endswith("layers.0-mean")
+    assert "'model.' removed" in ax.get_xlabel()
+    with open(report.path, encoding="utf-8") as f:
+        page = f.read()
+    assert all(f"<code>{layer}</code>" in page for layer in layers)
+    # the PNG on disk is drawn the same way and keeps the panel size
+    path = tmp_path / "profile.png"
+    draw_panel(panel, report.runs, str(path))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_short_layer_names():
+    assert short_names(["net.1", "net.3"]) == (["net.1", "net.3"], "")  # short names are kept
+    names = ["model.transformer.encoder.layers.0-mean", "model.transformer.encoder.layers.1-mean"]
+    assert short_names(names) == (["0-mean", "1-mean"], "model.transformer.encoder.layers.")
+    short, prefix = short_names(["model.encoder.block.very_long_name_a.0", "model.decoder.block.very_long_name_a.0"])
+    assert prefix == "model." and len(set(short)) == 2 and all(s.startswith("…") for s in short)
+    assert short_names(["a" * 30]) == (["…" + "a" * 21], "")
+
+
 def test_run_labels_keep_what_differs():
     assert run_labels(["/x/a/demo/version_0", "/x/b/demo/version_0"]) == ["a", "b"]
     assert run_labels(["/x/demo/version_0", "/x/demo/version_1"]) == ["version_0", "version_1"]
@@ -316,3 +395,21 @@ def test_without_matplotlib_the_report_names_the_plot_extra(tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "[plot]" in printed and f"biasprobe report {logdir} --out {tmp_path / 'report'}" in printed
     assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
+
+
+def test_docs_have_a_section_and_pictures_for_every_probe():
+    # docs/probes.md: one section per probe, headed "## <Callback> (`<log name>`)", whose pictures
+    # exist in docs/img (regenerated by docs/make_figures.py) and stay small.
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    with open(os.path.join(root, "probes.md"), encoding="utf-8") as f:
+        text = f.read()
+    sections = dict(re.findall(r"^## (\w+) \(`(\w+)`\)$", text, flags=re.M))
+    for cls in lb.ALL_PROBES:
+        assert sections.get(cls.__name__) == cls.name, f"docs/probes.md has no section for {cls.__name__}"
+    images = re.findall(r"!\[[^\]]*\]\((img/[^)]+\.png)\)", text)
+    assert len(images) >= len(sections)
+    for image in images:
+        with open(os.path.join(root, image), "rb") as f:
+            assert f.read(8) == PNG_MAGIC, image
+    total = sum(os.path.getsize(os.path.join(root, "img", n)) for n in os.listdir(os.path.join(root, "img")))
+    assert total < 1.5 * 2**20

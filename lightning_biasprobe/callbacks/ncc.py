@@ -13,6 +13,7 @@ from .._tree import detach_to, num_rows
 from ..functional._layers import FeatureCapture, LayerSpec, SequencePool
 from ..functional.ncc import LayerClassMeans, _labels, heldout_correct, ncc_train_statistics
 from ._data import ProbeSet, from_tensors
+from ._shared_capture import SharedCapture, SharesCapture
 from ._validation import ValidationAccumulation
 from .rank import _check_chunk_size, _describe_pool
 from .base import ProbeLogic, ProbeSkipped, module_device
@@ -20,7 +21,7 @@ from .base import ProbeLogic, ProbeSkipped, module_device
 Heldout = Union[None, str, Tensor, tuple, list, dict, Iterable]
 
 
-class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
+class EffectiveDepthLogic(SharesCapture, ValidationAccumulation, ProbeLogic):
     r"""Logs each layer's nearest-class-center (NCC) accuracy and the network's effective depth.
 
     Galanti, Galanti, Ben-Shaul (2022), "On the Implicit Bias Towards Minimal Depth of Deep Neural
@@ -45,7 +46,7 @@ class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
     plottable; a layer whose class means coincide logs the clip value. With TensorBoard (and
     matplotlib), a per-layer profile figure ``biasprobe/ncc/profile``.
 
-    Data. The training side is the fixed, class-balanced probe set (``num_samples=1000`` training
+    Data. The training side is the fixed, class-balanced probe set (``num_samples=1024`` training
     examples; integer class targets are required) measured on rank zero at the cadence points.
     ``heldout`` chooses the held-out side:
 
@@ -84,9 +85,10 @@ class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
         conv_pool: ``"gap"`` (global average pooling, default) or ``"flatten"`` for conv maps.
         sequence_pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"flatten"`` or a callable for
             ``(N, T, D)`` outputs.
-        max_dim: CountSketch layers wider than this to this many features (default 256; ``None``:
-            exact, memory ``N x D`` per layer). Class means and NCC decisions are distances, which
-            the sketch preserves approximately.
+        max_dim: CountSketch layers wider than this to this many features (default 192, as
+            :class:`EffectiveRank`, so that the two share one forward pass; ``None``: exact, memory
+            ``N x D`` per layer). Class means and NCC decisions are distances, which the sketch
+            preserves approximately (relative distortion of order ``1/sqrt(max_dim)``).
         seed: seed of the sketches (the same sketch at every measurement).
         clip: upper clip of the logged NC1 and CDNV.
         chunk_size: examples per forward.
@@ -96,7 +98,7 @@ class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
 
     name = "ncc"
     default_cadence = {"every_n_epochs": 1}
-    default_num_samples = 1000
+    default_num_samples = 1024
     requires_targets = True
 
     def __init__(
@@ -106,7 +108,7 @@ class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
         heldout: Heldout = "val",
         conv_pool: Literal["gap", "flatten"] = "gap",
         sequence_pool: SequencePool = "mean",
-        max_dim: Optional[int] = 256,
+        max_dim: Optional[int] = 192,
         seed: int = 0,
         clip: float = 1e6,
         chunk_size: Optional[int] = 256,
@@ -159,7 +161,8 @@ class EffectiveDepthLogic(ValidationAccumulation, ProbeLogic):
         labels = _labels(probe.targets, len(probe))
         if torch.unique(labels).numel() < 2:
             raise ProbeSkipped("the probe set has a single class; NCC, NC1 and CDNV need at least two")
-        profile = ncc_train_statistics(self.capture, module, probe.inputs, labels, self.epsilon, self.chunk_size)
+        profile = ncc_train_statistics(SharedCapture(self, module), module, probe.inputs, labels, self.epsilon,
+                                       self.chunk_size)
         values: dict[str, Union[float, Tensor]] = {}
         for i, key in enumerate(profile.layers):
             values[f"{key}/train_acc"] = profile.train_accuracy[i]

@@ -14,6 +14,7 @@ from ..functional.ncc import FeatureStatistics
 from ..functional.rank import layer_spectra, rank_measures, spectrum_of
 from ._data import ProbeSet
 from ._guard import isolated
+from ._shared_capture import SharedCapture, SharesCapture
 from ._validation import ValidationAccumulation
 from .base import ProbeLogic
 
@@ -27,7 +28,7 @@ def _describe_pool(pool: Any) -> str:
     return pool if isinstance(pool, str) else "callable"
 
 
-class EffectiveRankLogic(ValidationAccumulation, ProbeLogic):
+class EffectiveRankLogic(SharesCapture, ValidationAccumulation, ProbeLogic):
     r"""Logs the effective rank of chosen layers' representations: the low-rank simplicity bias.
 
     Huh, Mobahi, Zhang, Cheung, Agrawal, Isola (2023), "The Low-Rank Simplicity Bias in Deep
@@ -70,10 +71,12 @@ class EffectiveRankLogic(ValidationAccumulation, ProbeLogic):
         conv_pool: ``"gap"`` (global average pooling, default) or ``"flatten"`` for conv maps.
         sequence_pool: ``"mean"`` (default), ``"last"``, ``"first"``, ``"flatten"`` or a callable for
             ``(N, T, D)`` outputs.
-        max_dim: CountSketch layers wider than this to this many features (default 192: the
-            scatter and eigendecompositions cost ``k^2`` and ``k^3``, and at 192 a measurement of a
-            five-layer width-1024 MLP costs about 1.15 validation epochs; see
-            ``benchmarks/bench_representation.py``). Every effective rank is then at most 192: raise
+        max_dim: CountSketch layers wider than this to this many features (default 192, as
+            :class:`EffectiveDepth`, so that the two share one forward pass; the scatter and
+            eigendecompositions cost ``k^2`` and ``k^3``: a measurement of a five-layer width-1024
+            MLP over 2,000 examples costs about 1.1 validation epochs alone, and both probes
+            together about 1.2; see ``benchmarks/bench_representation.py``). Every effective rank
+            is then at most 192: raise
             it for wide layers whose rank you expect to be higher (RankMe of a 2048-d SSL embedding,
             say), or ``None`` for exact values (memory ``D^2`` per layer).
         seed: seed of the sketches (the same sketch at every measurement).
@@ -121,8 +124,12 @@ class EffectiveRankLogic(ValidationAccumulation, ProbeLogic):
 
     # --- probe set -------------------------------------------------------------------------------
     def measure(self, module: nn.Module, probe: ProbeSet) -> dict:
-        spectra = layer_spectra(module, probe.inputs, capture=self.capture, chunk_size=self.chunk_size)
+        # With EffectiveDepth attached on the same layers and probe set, one forward serves both.
+        spectra = layer_spectra(module, probe.inputs, capture=SharedCapture(self, module), chunk_size=self.chunk_size)
         return self._values(spectra)
+
+    def _shares_probe_set_capture(self) -> bool:
+        return self.data == "probe"
 
     def _values(self, spectra: dict) -> dict:
         values: dict[str, Tensor] = {}

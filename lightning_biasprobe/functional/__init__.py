@@ -16,6 +16,14 @@ from .curvature import (
     parameter_blocks,
 )
 from .diffusion import DiffusionFit, diffusion_exponent
+from .frequency import (
+    PathFrequencies,
+    SignalSpectrum,
+    function_frequency,
+    interpolation_pairs,
+    path_signals,
+    signal_spectrum,
+)
 from .geometry import geometric_complexity
 from .igr import explicit_gradient_regularizer, gradient_norm_squared, implicit_gradient_regularizer
 from .ncc import FeatureStatistics, NCCProfile, cdnv, class_means, effective_depth, nc1, ncc_accuracy, ncc_profile
@@ -52,6 +60,12 @@ from .simplicity import (
 )
 
 __all__ = [
+    "PathFrequencies",
+    "SignalSpectrum",
+    "function_frequency",
+    "interpolation_pairs",
+    "path_signals",
+    "signal_spectrum",
     "SimplicityBiasResult",
     "class_predictions",
     "randomize_coordinates",

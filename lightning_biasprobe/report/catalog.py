@@ -126,8 +126,14 @@ QUANTITY_LABELS: dict[tuple[str, str], str] = {
     ("ncc", "nc1"): "NC1 = tr(Σ_W Σ_B⁺)/C",
     ("ncc", "cdnv"): "CDNV (mean over class pairs)",
     ("ncc", "effective_depth"): "effective depth d_ε  (layer)",
-    ("freq", "*frequency"): "mean frequency  (cycles per path length)",
-    ("freq", "*fraction"): "fraction of power above the cutoff",
+    # exact names: "*fraction" used to label flat_fraction as a share of power
+    ("freq", "mean_frequency"): "mean frequency  (cycles per path length)",
+    ("freq", "mean_frequency_hist"): "mean frequency  (cycles per path length)",
+    ("freq", "mean_frequency_per_distance"): "mean frequency  (cycles per unit input distance)",
+    ("freq", "high_frequency_fraction"): "fraction of power at or above the cutoff",
+    ("freq", "high_frequency_power"): "variance of s at or above the cutoff",
+    ("freq", "max_distance"): "max_t ‖p(x(t)) − p(x₀)‖",
+    ("freq", "flat_fraction"): "fraction of paths with a constant signal",
     ("*", "*seconds"): "seconds per measurement",
 }
 

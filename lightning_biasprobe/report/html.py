@@ -37,6 +37,9 @@ def _figure(panel: Panel, files: dict[str, str]) -> str:
     tags = ", ".join(f"<code>{escape(t)}</code>" for t in panel.tags[:12])
     if len(panel.tags) > 12:
         tags += f" and {len(panel.tags) - 12} more"
+    if panel.kind == "profile":  # the axis may show shortened layer names: the full ones, in order
+        tags += "<br>x axis: " + ", ".join(f"{i}&nbsp;<code>{escape(m)}</code>"
+                                           for i, (m, _) in enumerate(panel.lines, 1))
     src = escape(files[panel.id])
     return (f'<figure id="{escape(panel.id)}"><a href="{src}"><img src="{src}" alt="{escape(panel.title)}" '
             f'loading="lazy"></a><figcaption>{tags}</figcaption></figure>')

@@ -133,6 +133,7 @@ def _draw_curves(ax, panel: Panel, runs: Sequence[Run]) -> tuple[list[str], list
     multi = len(panel.lines) > 1
     colors = _member_colors(panel)
     drawn, handles, all_values, all_steps = [], [], [], []
+    with_data: list[int] = []  # indices of the runs that drew a curve in this panel
     for r, run in enumerate(runs):
         style = _RUN_STYLES[r % len(_RUN_STYLES)] if multi and len(runs) > 1 else "-"
         for m, (member, tag) in enumerate(panel.lines):
@@ -153,16 +154,19 @@ def _draw_curves(ax, panel: Panel, runs: Sequence[Run]) -> tuple[list[str], list
             all_values.append(values)
             all_steps.append(steps)
             drawn.append(f"{run.label} {member}".strip())
+            if not with_data or with_data[-1] != r:
+                with_data.append(r)
+    # The legend names each run by its own label (and only the runs drawn here), in run order, with
+    # the colour or line style its curves were drawn with.
     if multi:
         for m, (member, _) in enumerate(panel.lines):
             if not panel.ordered or _labelled(m, len(panel.lines)):
                 handles.append(Line2D([], [], color=colors[m], linewidth=1.4, label=member))
         if len(runs) > 1:
-            for r, run in enumerate(runs):
-                handles.append(Line2D([], [], color="0.2", linestyle=_RUN_STYLES[r % len(_RUN_STYLES)],
-                                      label=run.label))
+            handles.extend(Line2D([], [], color="0.2", linestyle=_RUN_STYLES[r % len(_RUN_STYLES)],
+                                  label=runs[r].label) for r in with_data)
     elif len(runs) > 1:
-        handles = [Line2D([], [], color=run_color(r), label=run.label) for r in range(len(runs))]
+        handles = [Line2D([], [], color=run_color(r), label=runs[r].label) for r in with_data]
     if spans_decades(all_values):
         ax.set_yscale("log")
     if all_steps and log_steps(np.concatenate(all_steps)):
@@ -212,13 +216,82 @@ def _draw_at_steps(ax, panel: Panel, runs: Sequence[Run], requested: Optional[Se
         ax.set_yscale("log")
     names = [m for m, _ in panel.lines]
     if panel.kind == "profile":
+        short, prefix = short_names(names)
+        rotate = len(names) > 3 or max(len(n) for n in short) > 12
         ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
-                           fontsize=6.5)
+        ax.set_xticklabels(short, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+                           rotation_mode="anchor" if rotate else "default", fontsize=6.5)
+        if short != names:
+            # The full names are in the page's caption; the axis says what was cut.
+            notes = ([f"{prefix!r} removed"] if prefix else []) + (
+                [f"{ELLIPSIS} = shortened"] if any(n.startswith(ELLIPSIS) for n in short) else [])
+            ax.set_xlabel(f"{panel.xlabel}; {', '.join(notes)}", fontsize=ax.xaxis.label.get_fontsize())
     elif len(x) <= 20:
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=6.5)
     return drawn, handles
+
+
+ELLIPSIS = "…"
+MAX_NAME = 22  # characters of a layer name on a profile's axis
+
+
+def short_names(names: Sequence[str], max_len: int = MAX_NAME) -> tuple[list[str], str]:
+    """Tick labels for layer names, and the prefix removed from all of them ('' if none).
+
+    Names that all fit in ``max_len`` characters are kept. Otherwise the longest common prefix
+    that ends at a ``.`` or ``/`` is removed (``model.encoder.layers.0`` and ``model.encoder.layers.1``
+    become ``0`` and ``1``), and a name still longer than ``max_len`` keeps its end (the index and
+    the pooling suffix, which tell layers apart) after ``…``, lengthened until the labels are distinct.
+    """
+    names = list(names)
+    if not names or max(len(n) for n in names) <= max_len:
+        return names, ""
+    prefix = ""
+    if len(names) > 1:
+        common = _common_prefix(names)
+        cut = max(common.rfind("."), common.rfind("/")) + 1
+        if cut and all(len(n) > cut for n in names):
+            prefix = names[0][:cut]
+    rest = [n[len(prefix):] for n in names]
+    for keep in range(max_len - 1, max(len(n) for n in rest) + 1):
+        short = [n if len(n) <= max_len else ELLIPSIS + n[-keep:] for n in rest]
+        if len(set(short)) == len(set(rest)):
+            return short, prefix
+    return rest, prefix
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    first, last = min(names), max(names)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    return first[:i]
+
+
+def fit_inside(fig, pad: float = 3.0, max_margin: float = 0.45) -> None:
+    """Widen the subplot margins until the axes' tick labels, axis labels and legend lie inside the
+    figure (long rotated layer names used to run off its left and bottom edges); the figure keeps
+    its size, so panels stay the same size on the page. No margin grows beyond ``max_margin``."""
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    for _ in range(4):  # moving a margin moves the ticks too: settle in a few passes
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+        boxes = [b for b in boxes if b is not None]
+        if not boxes:
+            return
+        x0, y0 = min(b.x0 for b in boxes), min(b.y0 for b in boxes)
+        x1 = max(b.x1 for b in boxes)
+        left, bottom = max(0.0, pad - x0) / width, max(0.0, pad - y0) / height
+        right = max(0.0, x1 - width + pad) / width
+        if left == bottom == right == 0.0:
+            return
+        sp = fig.subplotpars
+        new = dict(left=min(max_margin, sp.left + left), bottom=min(max_margin, sp.bottom + bottom),
+                   right=max(1.0 - max_margin, sp.right - right))
+        if (new["left"], new["bottom"], new["right"]) == (sp.left, sp.bottom, sp.right):
+            return
+        fig.subplots_adjust(**new)
 
 
 def rebin(histogram: Histogram, grid: np.ndarray) -> np.ndarray:
@@ -293,6 +366,8 @@ def render_panel(panel: Panel, runs: Sequence[Run], steps: Optional[Sequence[int
         ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes, fontsize=8,
                 color="0.4")
     _legend(ax, handles, panel)
+    if panel.kind == "profile":
+        fit_inside(fig)
     return fig, drawn
 
 
