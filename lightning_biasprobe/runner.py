@@ -236,6 +236,10 @@ class ProbeRunner:
         for probe in self.probes:
             probe.on_train_batch_end(self.state, self.model, None, None, self._last_step)
             probe.on_train_end(self.state, self.model)
+        for probe in self.probes:
+            teardown = getattr(probe, "teardown", None)
+            if teardown is not None:
+                teardown(self.state, self.model, "fit")
         self._closed = True
         for logger in self.state.loggers:
             flush = getattr(logger.experiment, "flush", None)

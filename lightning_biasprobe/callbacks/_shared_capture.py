@@ -31,6 +31,7 @@ _SLOTS: dict[tuple, "_Slot"] = {}
 
 @dataclass
 class _Slot:
+    module: "weakref.ref"
     state: tuple
     refs: list
     keys: list
@@ -55,9 +56,9 @@ def unsubscribe(probe: Any, module: nn.Module) -> None:
     subscribers = _SUBSCRIBERS.get(sig)
     if subscribers is not None:
         subscribers.discard(probe)
-        if not subscribers:
-            del _SUBSCRIBERS[sig]
     _SLOTS.pop(sig, None)
+    for key in [k for k, v in _SUBSCRIBERS.items() if not v]:  # emptied, also by garbage collection
+        del _SUBSCRIBERS[key]
 
 
 def _point(probe: Any, module: nn.Module) -> tuple:
@@ -89,7 +90,7 @@ class SharedCapture:
         if subscribers is None or len(subscribers) < 2:
             return self.capture.run(model, inputs, consume, chunk_size)
         slot = _SLOTS.get(self.sig)
-        if slot is not None and slot.state == self.point and self.probe not in slot.served:
+        if slot is not None and slot.module() is model and slot.state == self.point and self.probe not in slot.served:
             for features in slot.chunks:
                 consume(features)
             self.capture.refs = list(slot.refs)
@@ -105,7 +106,7 @@ class SharedCapture:
 
         _SLOTS.pop(self.sig, None)  # a stale point's features go before this pass allocates its own
         keys = self.capture.run(model, inputs, record, chunk_size)
-        slot = _Slot(self.point, list(self.capture.refs), list(keys), chunks)
+        slot = _Slot(weakref.ref(model), self.point, list(self.capture.refs), list(keys), chunks)
         slot.served.add(self.probe)
         _SLOTS[self.sig] = slot
         return keys
@@ -113,7 +114,7 @@ class SharedCapture:
 
 class SharesCapture:
     """Mixin (before :class:`ProbeLogic`) for probes whose ``measure`` runs ``self.capture``:
-    subscribed from setup to the end of training; ``measure`` passes ``SharedCapture(self, module)``."""
+    subscribed from setup to teardown of a fit; ``measure`` passes ``SharedCapture(self, module)``."""
 
     def _shares_probe_set_capture(self) -> bool:
         return True
@@ -124,7 +125,10 @@ class SharesCapture:
         if stage == "fit" and trainer.is_global_zero and self._shares_probe_set_capture():
             subscribe(self, pl_module)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_end(trainer, pl_module)  # type: ignore[misc]
-        if trainer.is_global_zero:
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # teardown runs also when the fit raises: no stale subscription or features are left.
+        parent = getattr(super(), "teardown", None)
+        if parent is not None:
+            parent(trainer, pl_module, stage)
+        if stage == "fit":
             unsubscribe(self, pl_module)
