@@ -234,14 +234,20 @@ def test_a_model_that_changed_shape_is_skipped_with_a_reason():
     assert math.isfinite(probe.run_measurement(model, step=2)["distance"])
 
 
-def test_fused_norms_over_bounded_groups_equal_the_per_tensor_sum(monkeypatch):
+def test_fused_norms_over_bounded_groups_equal_the_per_tensor_sums(monkeypatch):
     from lightning_biasprobe.callbacks import diffusion
 
     g = torch.Generator().manual_seed(0)
     a = [torch.randn(7, 5, generator=g) for _ in range(5)] + [torch.randn(100, generator=g)]
     b = [torch.randn(t.shape, generator=g) for t in a]
-    expected = sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b))
+    c = [torch.randn(t.shape, generator=g) for t in a]
+    expected = [sum(float(x.double().pow(2).sum()) for x in a),
+                sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b)),
+                sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, c))]
     for group in (1, 50, 10**9):  # one tensor per group, several, all in one
         monkeypatch.setattr(diffusion, "_GROUP_ELEMENTS", group)
-        assert diffusion._sum_sq(a, b) == pytest.approx(expected, rel=1e-12)
-        assert diffusion._sum_sq(a) == pytest.approx(sum(float(x.double().pow(2).sum()) for x in a), rel=1e-12)
+        assert diffusion._sums_of_squares(a, b, c) == pytest.approx(expected, rel=1e-6)  # float32 tensors
+        assert diffusion._sums_of_squares(a) == pytest.approx(expected[:1], rel=1e-6)
+    a64, b64 = [t.double() for t in a], [t.double() for t in b]
+    exact = [sum(float(x.pow(2).sum()) for x in a64), sum(float((x - y).pow(2).sum()) for x, y in zip(a64, b64))]
+    assert diffusion._sums_of_squares(a64, b64) == pytest.approx(exact, rel=1e-13)  # float64 weights

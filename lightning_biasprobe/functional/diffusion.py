@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 from torch import Tensor
 
 Numbers = Union[Sequence[float], Tensor]
@@ -39,11 +40,31 @@ class DiffusionFit:
     t_end: float
 
 
-def _as_floats(values: Numbers, what: str) -> list[float]:
-    out = values.detach().reshape(-1).tolist() if isinstance(values, Tensor) else [float(v) for v in values]
-    if not all(math.isfinite(v) for v in out):
+def _as_array(values: Numbers, what: str) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().double().cpu().reshape(-1).numpy()
+    out = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.isfinite(out).all():
         raise ValueError(f"{what} contain NaN or infinite values")
-    return [float(v) for v in out]
+    return out
+
+
+def loglog_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """Least squares ``y ≈ intercept + slope x``: ``(slope, intercept, r2, stderr)`` (float64 NumPy:
+    a few dozen points, where tensor ops would cost more than the math; it runs at every
+    WeightDiffusion measurement, so inputs are trusted here and checked by the callers)."""
+    n = x.size
+    x_mean, y_mean = x.mean(), y.mean()
+    xc, yc = x - x_mean, y - y_mean
+    sxx = float(xc @ xc)
+    if sxx <= 0:
+        raise ValueError("the points must span more than one time t to fit an exponent")
+    slope = float(xc @ yc) / sxx
+    residual = yc - slope * xc
+    ss_res, ss_tot = float(residual @ residual), float(yc @ yc)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    stderr = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else math.nan
+    return slope, float(y_mean - slope * x_mean), r2, stderr
 
 
 def diffusion_exponent(
@@ -81,11 +102,11 @@ def diffusion_exponent(
     Returns:
         :class:`DiffusionFit`.
     """
-    t = _as_floats(steps, "steps")
-    d = _as_floats(distances, "distances")
-    if len(t) != len(d):
-        raise ValueError(f"steps and distances must have the same length, got {len(t)} and {len(d)}")
-    if any(v < 0 for v in d):
+    t = _as_array(steps, "steps")
+    d = _as_array(distances, "distances")
+    if t.shape != d.shape:
+        raise ValueError(f"steps and distances must have the same length, got {t.size} and {d.size}")
+    if (d < 0).any():
         raise ValueError("distances must be non-negative (they are norms)")
     if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 2:
         raise ValueError(f"min_points must be an integer >= 2, got {min_points!r}")
@@ -93,28 +114,15 @@ def diffusion_exponent(
         raise ValueError(f"t_min must be positive (log t), got {t_min!r}")
     if window is not None and not (window > 0):
         raise ValueError(f"window must be a positive number of decades or None, got {window!r}")
-    points = [(ti, di) for ti, di in zip(t, d) if ti >= t_min and di > 0]
-    if window is not None and points:
-        start = max(ti for ti, _ in points) / 10.0**window
-        points = [(ti, di) for ti, di in points if ti >= start]
-    n = len(points)
+    keep = (t >= t_min) & (d > 0)
+    t, d = t[keep], d[keep]
+    if window is not None and t.size:
+        keep = t >= t.max() / 10.0**window
+        t, d = t[keep], d[keep]
+    n = int(t.size)
     if n < min_points:
         raise ValueError(f"need at least {min_points} points with t >= {t_min} and a positive distance"
                          f"{' in the window' if window is not None else ''}, got {n}")
-    # Plain float64 arithmetic: a few dozen points, where tensor ops would cost more than the math.
-    x = [math.log(ti) for ti, _ in points]
-    y = [math.log(di) for _, di in points]
-    x_mean, y_mean = math.fsum(x) / n, math.fsum(y) / n
-    xc = [v - x_mean for v in x]
-    yc = [v - y_mean for v in y]
-    sxx = math.fsum(v * v for v in xc)
-    if sxx <= 0:
-        raise ValueError("the points must span more than one time t to fit an exponent")
-    slope = math.fsum(a * b for a, b in zip(xc, yc)) / sxx
-    intercept = y_mean - slope * x_mean
-    ss_res = math.fsum((b - slope * a) ** 2 for a, b in zip(xc, yc))
-    ss_tot = math.fsum(b * b for b in yc)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    stderr = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else math.nan
+    slope, intercept, r2, stderr = loglog_line(np.log(t), np.log(d))
     return DiffusionFit(exponent=slope, intercept=intercept, r2=r2, stderr=stderr, num_points=n,
-                        t_start=min(ti for ti, _ in points), t_end=max(ti for ti, _ in points))
+                        t_start=float(t.min()), t_end=float(t.max()))
