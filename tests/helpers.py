@@ -52,6 +52,39 @@ class BNDropoutNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class Classifier(pl.LightningModule):
+    """Any ``nn.Module`` as a classifier: cross-entropy, plain SGD."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1):
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def load_example(name: str):
+    """The module ``examples/<name>.py`` (examples are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def blobs(n: int = 192, d: int = 10, c: int = 3, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, c, (n,), generator=g)

@@ -17,13 +17,7 @@ from lightning_biasprobe.functional.curvature import (
 METHODS = ["double_backward", "recompute", "jvp", "linearize", "vjp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny products are dominated by thread synchronisation on a shared 2-core machine: use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -1,22 +1,16 @@
 """examples/function_frequency_digits.py, shortened: one seed instead of three; the qualitative result holds."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import sklearn  # noqa: F401  (the test extra installs it; the data are its bundled digits)
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "function_frequency_digits.py"
+from helpers import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("function_frequency_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("function_frequency_digits")
 
 
 def test_the_frequency_curves_on_digits_show_the_papers_qualitative_result(example, capsys):

@@ -1,22 +1,14 @@
 """EarlyStopping and ModelCheckpoint watch probe values: the example stops for the right reason."""
 
-import importlib.util
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 def test_training_stops_at_the_first_epoch_whose_sharpness_passes_the_threshold(tmp_path):
     from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
-    example = load("early_stopping_on_sharpness")
+    example = load_example("early_stopping_on_sharpness")
     result = example.main(threshold=5.0, max_epochs=12, out=str(tmp_path), quiet=True)
     history = result["sharpness_history"]
     epoch_end_values = history[1:]  # step 0 is the at_start point; then one point per epoch end

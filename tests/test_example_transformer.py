@@ -1,22 +1,12 @@
 """The probes attach unchanged to Lightning's demo Transformer; the ones that cannot apply say why."""
 
-import importlib.util
-from pathlib import Path
-
 import lightning_biasprobe as lb
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 def test_every_applicable_probe_measures_the_demo_transformer(tmp_path):
-    example = load("transformer_probes")
+    example = load_example("transformer_probes")
     report = example.main(max_steps=6, every_n_steps=3, out=str(tmp_path), quiet=True, width=32)
     names = {cls.__name__ for cls in lb.ALL_PROBES}
     assert report["failed"] == {}

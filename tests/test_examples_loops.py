@@ -1,25 +1,15 @@
 """The plain-PyTorch and Fabric loop examples run and log every probe they attach."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 @pytest.mark.parametrize("name, probes", [("plain_loop", {"gc", "hessian", "ntk", "diffusion"}),
                                           ("fabric_loop", {"gc", "noise", "igr", "rank"})])
 def test_loop_example_logs_every_probe(name, probes, tmp_path):
-    values = load(name).main(epochs=1, out=str(tmp_path), quiet=True)
+    values = load_example(name).main(epochs=1, out=str(tmp_path), quiet=True)
     assert {key.split("/")[1] for key in values} == probes
     events = EventAccumulator(str(tmp_path))
     events.Reload()

@@ -25,12 +25,7 @@ KEYS.add("biasprobe/freq/seconds")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(callbacks, epochs=1, model=None, **kwargs):

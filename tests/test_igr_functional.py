@@ -12,13 +12,7 @@ from lightning_biasprobe.functional.igr import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny products are dominated by thread synchronisation on a shared 2-core machine: use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tanh_mlp(seed=0):

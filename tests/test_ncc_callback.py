@@ -14,12 +14,7 @@ from lightning_biasprobe import EffectiveDepth, EffectiveRank
 from lightning_biasprobe.functional.ncc import ncc_profile
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def same_blobs(n, seed):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import BNDropoutNet, blobs, loader, trainer
+from helpers import BNDropoutNet, Classifier, blobs, loader, trainer
 from lightning_biasprobe import NTKAlignment
 from lightning_biasprobe.functional.ntk import empirical_ntk, kernel_distance
 
@@ -24,23 +24,6 @@ from lightning_biasprobe.cli.demo import demo_module, digits_tensors  # noqa: E4
 
 BLOCK_KEYS = {"alignment", "alignment_trace", "alignment_per_class", "frobenius_norm", "trace", "distance",
               "velocity", "effective_rank", "participation_ratio", "seconds"}
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module, lr: float = 0.1):
-        super().__init__()
-        self.net = net
-        self.lr = lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def values(probe, key):

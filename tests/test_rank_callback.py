@@ -16,12 +16,7 @@ from lightning_biasprobe.functional.rank import layer_spectra, rank_measures
 QUANTITIES = ["erank_features", "erank_features_centered", "erank_gram", "rankme", "stable_rank_features"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_values(model, inputs, **kwargs):

@@ -16,13 +16,7 @@ from lightning_biasprobe.functional.rank import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensor ops on a loaded 2-core machine spend most of their time in thread hand-offs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_spectrum(sigma, n=40, d=30, seed=0):

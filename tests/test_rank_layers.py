@@ -9,12 +9,7 @@ from lightning_biasprobe.functional.ncc import layer_features
 from lightning_biasprobe.functional.rank import layer_spectra, singular_values
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -11,7 +10,7 @@ from torch.utils.data import DataLoader
 import lightning_biasprobe as lb
 from lightning_biasprobe.runner import ProbeRunner
 
-from helpers import blobs, trainer
+from helpers import Classifier, blobs, trainer
 
 
 def make_net(seed=0, dropout=0.0):
@@ -29,22 +28,6 @@ def comparable_probes():
     return probes
 
 
-class Wrapped(pl.LightningModule):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_runner_gives_the_callbacks_values_on_the_same_model_data_and_steps():
     data = blobs(n=96)
     x, y = data.tensors
@@ -53,10 +36,10 @@ def test_runner_gives_the_callbacks_values_on_the_same_model_data_and_steps():
     callbacks = comparable_probes()
     for cb in callbacks:
         cb.set_probe_data(probe_data)
-    module = Wrapped(make_net())
+    module = Classifier(make_net())
     trainer(callbacks, max_epochs=2).fit(module, DataLoader(data, batch_size=32, shuffle=False))
 
-    net = Wrapped(make_net())  # the same layer names; trained by hand below
+    net = Classifier(make_net())  # the same layer names; trained by hand below
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     probes = comparable_probes()
     runner = ProbeRunner(net, probes, probe_data=probe_data)

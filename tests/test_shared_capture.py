@@ -1,6 +1,5 @@
 """EffectiveRank and EffectiveDepth on the same layers and probe set share one forward pass."""
 
-import pytest
 import pytorch_lightning as pl
 import torch
 
