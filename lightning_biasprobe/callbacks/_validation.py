@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ._guard import isolated
+from .._names import short_names
 from .base import ProbeSkipped, module_device
 
 
@@ -207,7 +208,9 @@ class ValidationAccumulation:
         if len(steps) >= 2 and steps[-1] == steps[-2]:  # a second row at the same step (validation)
             steps.pop()
         if figure is not None and getattr(self, "figures", False):
+            started = time.perf_counter()
             _add_figure(trainer, f"biasprobe/{self.log_name}/profile", figure, step)
+            self._probe_seconds += time.perf_counter() - started  # rendering counts in the budget
 
     def extra_state(self) -> dict:
         return {"val_pending": self._val_pending, "last_val_step": self._last_val_step}
@@ -231,7 +234,14 @@ def _add_figure(trainer: Any, tag: str, data: tuple, step: int) -> None:
     except ImportError:  # plotting is an optional extra
         return
     title, layers, curves, marker = data
-    fig = Figure(figsize=(max(4.0, 0.9 * len(layers) + 2), 3.2))
+    names, prefix = short_names([str(name) for name in layers])
+    # Fixed margins for names of at most MAX_NAME characters: tight_layout cost as much as the rest
+    # of the figure (about 20 ms at every measurement).
+    width = max(4.0, 0.9 * len(layers) + 2)
+    fig = Figure(figsize=(width, 3.6), dpi=100)
+    # The first name, rotated 30 degrees, reaches left of its tick by ~0.046 inch per character.
+    left = min(0.4, max(0.14, (0.046 * len(names[0]) + 0.15) / width)) if names else 0.14
+    fig.subplots_adjust(left=left, right=0.97, top=0.9, bottom=0.3)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(1, len(layers) + 1))
     for label, ys in curves.items():
@@ -239,9 +249,10 @@ def _add_figure(trainer: Any, tag: str, data: tuple, step: int) -> None:
     if marker is not None:
         ax.axvline(marker[1], color="grey", linestyle="--", label=marker[0])
     ax.set_xticks(x)
-    ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    if prefix:
+        ax.set_xlabel(f"layers under {prefix}", fontsize=7)
     ax.set_title(f"{title}, step {step}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     for experiment in writers:
         experiment.add_figure(tag, fig, global_step=step, close=False)
