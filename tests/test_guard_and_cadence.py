@@ -95,3 +95,17 @@ def test_every_n_steps_epochs_and_budget():
 def test_bad_cadence_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         Cadence(**kwargs)
+
+
+def test_attention_has_second_derivatives_inside_the_guard():
+    # The fused CPU attention kernel has no double backward; Hessian products need one.
+    from lightning_biasprobe.callbacks._guard import isolated
+
+    torch.manual_seed(0)
+    model = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    with isolated(model):
+        out = model(x, x, x, need_weights=False)[0]
+        (g,) = torch.autograd.grad(out.pow(2).sum(), model.in_proj_weight, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), model.in_proj_weight)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
