@@ -174,6 +174,10 @@ class ProbeLogic:
         """Whether a due measurement can be made now (e.g. a reference point exists); default True."""
         return True
 
+    def check_probe_set(self, probe: ProbeSet) -> None:
+        """Raise ``ValueError`` if this probe cannot measure ``probe`` (called once, when the set is fixed:
+        bad data is a configuration error at setup, not a warning at every point)."""
+
     def key_fields(self) -> dict:
         """Arguments that tell two instances of the probe apart (for ``state_key``)."""
         return {}
@@ -216,6 +220,7 @@ class ProbeLogic:
         if self.requires_targets and probe.targets is None:
             raise ValueError(f"{type(self).__name__} needs targets, but the probe data has none; pass "
                              "`unpack_batch=lambda batch: (inputs, targets)` or (inputs, targets) tensors")
+        self.check_probe_set(probe)
         self._probe = probe.to(device) if device is not None else probe
 
     def run_measurement(self, module: nn.Module, step: int) -> Optional[dict[str, float]]:

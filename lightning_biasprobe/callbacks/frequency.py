@@ -141,9 +141,7 @@ class FunctionFrequencyLogic(ProbeLogic):
         pairs = state.get("pairs")
         self._pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long).cpu()
 
-    def _set_probe(self, probe: ProbeSet, device: Optional[torch.device]) -> None:
-        super()._set_probe(probe, device)
-        # Bad data is a configuration error: say so when the probe set is fixed, not at every point.
+    def check_probe_set(self, probe: ProbeSet) -> None:
         try:
             labels = _class_labels(probe.targets)
         except (TypeError, ValueError) as err:
