@@ -475,3 +475,125 @@ def test_a_tight_memory_budget_shrinks_the_chunk_instead_of_failing(kind):
     per_sample = Engine(model, x, None, plan, kind, None).features(0, 1).nbytes()
     tight = empirical_ntk(model, x, kind=kind, max_memory=kernel_bytes + 6 * per_sample + 8)
     torch.testing.assert_close(tight, whole, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- memory-saving paths
+def mixed_model_many_outputs(seed=0, c=7):
+    torch.manual_seed(seed)
+    model = Mixed(c=c).double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def conv_head(c=7, seed=0):
+    """small_cnn's convolutions with a 7-output head: enough outputs for the grouped one-chunk pass."""
+    net = small_cnn(seed)
+    torch.manual_seed(seed + 1)
+    net[-1] = nn.Linear(5 * 2 * 5, c).double()
+    return net
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("order", [None, "gram", "jac"])
+def test_one_chunk_block_kernel_by_output_groups_equals_brute_force(monkeypatch, groups, order):
+    """One chunk, C = 7: the features of one group of outputs are held at a time and the earlier
+    outputs recomputed (every route: structured gram/jac, per-module, whole-model Jacobian)."""
+    monkeypatch.setattr(structured, "_FORCE_ORDER", order)
+    monkeypatch.setattr(structured, "_OUTPUT_GROUPS", groups)
+    monkeypatch.setattr(structured, "_PATCH_ELEMENTS", 50)  # conv patches rebuilt a few samples at a time
+    tokens = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(4))
+    tokens[1, :3] = 0
+    cases = [(mixed_model_many_outputs(), tokens), (conv_head(), torch.randn(5, 2, 9, 9, dtype=F64)),
+             (tanh_mlp(c=7, seed=2), torch.randn(6, 5, dtype=F64))]
+    for model, x in cases:
+        reference = loop_ntk(model, x)
+        K = empirical_ntk(model, x)
+        assert_kernel_close(K, reference)
+        assert torch.equal(K, K.T)
+        # several chunks (no grouping) and the reference method give the same kernel
+        assert_kernel_close(empirical_ntk(model, x, chunk_size=2), reference)
+        assert_kernel_close(empirical_ntk(model, x, method="jacobian"), reference)
+
+
+def test_grouped_pass_holds_one_group_plus_one_output_and_recomputes_the_earlier_ones(monkeypatch):
+    C, h = 7, 4  # groups of 4 and 3 outputs
+    model = tanh_mlp(c=C, seed=5)
+    x = torch.randn(6, 5, dtype=F64)
+    held, backwards = [], []
+    contract, gradient = structured.Engine.contract, structured.Engine._gradient
+    monkeypatch.setattr(structured.Engine, "contract",
+                        lambda self, FI, FJ, out, lower=False: held.append((FI.m, FJ.m, lower)) or
+                        contract(self, FI, FJ, out, lower))
+    monkeypatch.setattr(structured.Engine, "_gradient",
+                        lambda self, out, zs, c, retain: backwards.append(c) or gradient(self, out, zs, c, retain))
+    K = empirical_ntk(model, x)
+    assert_kernel_close(K, loop_ntk(model, x))
+    # group [0, 4): itself; group [4, 7): itself, then outputs 0..3 recomputed one at a time
+    assert held == [(4, 4, True), (3, 3, True), (3, 1, False), (3, 1, False), (3, 1, False), (3, 1, False)]
+    assert backwards == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]
+    assert h == -(-C // structured._OUTPUT_GROUPS)
+    # fewer than _GROUP_MIN_OUTPUTS outputs: one pass over all outputs, still only the blocks c' <= c
+    held.clear()
+    backwards.clear()
+    empirical_ntk(tanh_mlp(c=5), x)
+    assert held == [(5, 5, True)] and backwards == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("order", [None, "gram", "jac"])
+def test_small_contraction_tiles_change_nothing(monkeypatch, order):
+    """Tiles smaller than one output's rows and columns (partial spans of samples), every kind."""
+    monkeypatch.setattr(structured, "_FORCE_ORDER", order)
+    monkeypatch.setattr(structured, "_SLAB", 7)
+    model = mixed_model()
+    tokens = torch.randint(0, 11, (7, 5), generator=torch.Generator().manual_seed(3))
+    reference = loop_ntk(model, tokens)
+    for chunk in (3, 64):
+        assert_kernel_close(empirical_ntk(model, tokens, chunk_size=chunk), reference)
+        assert_kernel_close(empirical_ntk(model, tokens, kind="trace", chunk_size=chunk), trace_of(reference, 4))
+        assert_kernel_close(empirical_ntk(model, tokens, kind="diagonal", chunk_size=chunk), diagonal_of(reference, 4))
+    model, x = small_cnn(), torch.randn(5, 2, 9, 9, dtype=F64)
+    assert_kernel_close(empirical_ntk(model, x, chunk_size=2), loop_ntk(model, x))
+
+
+def test_conv_patches_match_unfold_for_every_conv_option():
+    model = small_cnn()
+    x = torch.randn(3, 2, 9, 9, dtype=F64)
+    seen = 0
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            padded = structured._conv_pad(m, x)
+            expected = nn.functional.unfold(padded, m.kernel_size, dilation=m.dilation, stride=m.stride)
+            assert torch.equal(structured._conv_patches(m, x), expected)
+            seen += 1
+        x = m(x)
+    assert seen == 5
+
+
+@pytest.mark.parametrize("D", [1, 31, 33, 100, 300])
+def test_symmetrize_copies_the_lower_triangle_exactly(D):
+    A = torch.randn(D, D, dtype=F64, generator=torch.Generator().manual_seed(D))
+    expected = torch.tril(A) + torch.tril(A, -1).T
+    got = structured.symmetrize_(A.clone(), tile=64)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n_i, n_j", [(3, 2), (70, 65)])  # one output at a time; one pair of outputs at a time
+def test_mirror_block_fills_the_transposed_block(n_i, n_j):
+    C, N = 3, n_i + n_j
+    K = torch.randn(C, N, C, N, dtype=F64, generator=torch.Generator().manual_seed(0))
+    before = K.clone()
+    structured.mirror_block_(K, n_j, N, 0, n_j)  # chunk i = [n_j, N), chunk j = [0, n_j)
+    torch.testing.assert_close(K[:, :n_j, :, n_j:], before[:, n_j:, :, :n_j].permute(2, 3, 0, 1), rtol=0, atol=0)
+    assert torch.equal(K[:, n_j:, :, :n_j], before[:, n_j:, :, :n_j])   # the source is untouched
+    assert torch.equal(K[:, :n_j, :, :n_j], before[:, :n_j, :, :n_j])
+
+
+def test_float32_model_by_output_groups_is_close_to_float64():
+    model = tanh_mlp(c=8, seed=6)
+    x = torch.randn(9, 5, dtype=F64)
+    K64 = empirical_ntk(model, x)
+    K32 = empirical_ntk(model.float(), x.float())  # float32 products, float64 accumulation
+    assert K32.dtype == F64 and torch.equal(K32, K32.T)
+    assert_kernel_close(K32, K64, rtol=1e-5)

@@ -38,9 +38,17 @@ module, is never given to a per-call route that would miss its cross terms.
 
 All routes assume that samples do not interact (eval mode: no BatchNorm batch statistics).
 
-Pairs of chunks are contracted into float64 kernel blocks (``run_blocks``). With one chunk and a
-trace or diagonal kernel the engine streams: each output's contribution is contracted as soon as
-its gradient exists, so neither ``C x`` activations nor ``C x n x P`` Jacobian rows are held.
+Pairs of chunks are contracted into float64 kernel blocks (``run_blocks``): products are formed in
+the compute dtype, a tile of at most ``_SLAB`` elements at a time in reused buffers, and added into
+the float64 kernel (so every layer's share is accumulated in float64). A chunk paired with itself
+gives only the blocks of outputs ``c' <= c``; the mirror images are copied at the end
+(``symmetrize_``, in place). With one chunk and a trace or diagonal kernel the engine streams: each
+output's contribution is contracted as soon as its gradient exists, so neither ``C x``
+activations nor ``C x n x P`` Jacobian rows are held. With one chunk and a block kernel (on CPU,
+``C >= 6``) the outputs are split in two groups and the features of one group (plus one output)
+are held at a time, the outputs before a group being recomputed by one more backward each
+(``Engine.diagonal_block``). "jac"-order convolutions rebuild their input patches per output, a
+few samples at a time, instead of holding them (``kh*kw`` times the input).
 """
 
 from __future__ import annotations
@@ -327,7 +335,7 @@ def _choose_order(entry: _Entry, x: Tensor, z: Tensor, N: int, C: int, kind: str
 @dataclass
 class _Gram:
     """Per-chunk factors of a "gram"-order layer: inputs ``a (n, S, k)`` (a ones column for the bias)
-    or token ids ``(n, S)``, and output gradients ``g (C, n, S, d)``."""
+    or token ids ``(n, S)``, and output gradients ``g (m, n, S, d)``."""
 
     a: Tensor
     g: Tensor
@@ -337,10 +345,12 @@ class _Gram:
 
 @dataclass
 class _Features:
-    """One chunk's features: Jacobian rows ``(C, n, P_l)`` (output-major, like the kernel) of
-    "jac"-route parameters, and the factors of "gram"-order layers."""
+    """One chunk's features for ``m`` consecutive outputs (all ``C`` of them, or a group): Jacobian
+    rows ``(m, n, P_l)`` (output-major, like the kernel) of "jac"-route parameters, and the factors
+    of "gram"-order layers."""
 
     n: int
+    m: int
     jac: list[Tensor]
     grams: list[_Gram]
     partial: Optional[Tensor] = None   # streaming mode: this chunk's kernel block, already contracted
@@ -364,6 +374,31 @@ def _rebuild(inputs: Any, leaves: list) -> Any:
     return tree_map(lambda t: next(it), inputs)
 
 
+class _Scratch:
+    """Buffers reused by every slab of one contraction.
+
+    Products are formed in the compute dtype into a reused buffer, cast into a second (float64)
+    one and added from there: ``out.add_(float32_tensor)`` on a float64 ``out`` would allocate a
+    converted copy of the operand (and one more for a strided ``out``) at every call.
+    """
+
+    def __init__(self) -> None:
+        self.flat: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        dtype = dtype or like.dtype
+        numel = math.prod(shape)
+        buf = self.flat.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.flat[(name, dtype)] = torch.empty(numel, dtype=dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def add_into(self, out: Tensor, src: Tensor) -> None:
+        if src.dtype != out.dtype:
+            src = self.get("cast", tuple(src.shape), src, out.dtype).copy_(src)
+        out.add_(src)
+
+
 class Engine:
     """Computes per-chunk features and contracts pairs of chunks into kernel blocks."""
 
@@ -381,12 +416,42 @@ class Engine:
         # Streaming (one chunk, trace or diagonal kernel): every output's contribution is contracted
         # as soon as its gradient exists, so neither C x activations nor C x n x P Jacobians are held.
         self.streaming = False
+        # Input Grams of a chunk with itself, kept while one chunk is contracted group by group.
+        self._input_grams: Optional[dict[int, tuple[Tensor, Tensor]]] = None
+        # Feature buffers let go of, reused while one chunk is contracted group by group (fresh
+        # memory costs page faults; the groups and the recomputed outputs have the same shapes).
+        self._pool: Optional[list[Tensor]] = None
+        self._patches: Optional[Tensor] = None
+
+    def empty(self, slots: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized ``(slots, *shape)`` buffer, from the pool when one fits."""
+        if self._pool:
+            fits = [i for i, t in enumerate(self._pool)
+                    if t.shape[1:] == shape and t.dtype == dtype and t.device == device and t.shape[0] >= slots]
+            if fits:
+                return self._pool.pop(min(fits, key=lambda i: self._pool[i].shape[0]))[:slots]
+        return torch.empty((slots,) + tuple(shape), dtype=dtype, device=device)
+
+    def patch_buffer(self, windows: Tensor) -> Tensor:
+        """A copy of conv ``windows`` in one buffer that every conv layer of this engine reuses
+        (fresh memory for each output's patches would cost page faults)."""
+        numel = windows.numel()
+        if self._patches is None or self._patches.numel() < numel or self._patches.dtype != windows.dtype \
+                or self._patches.device != windows.device:
+            self._patches = torch.empty(numel, dtype=windows.dtype, device=windows.device)
+        return self._patches[:numel].view(windows.shape).copy_(windows)
+
+    def release(self, feats: _Features) -> None:
+        """Give the feature buffers of ``feats`` back to the pool (the caller drops ``feats``)."""
+        if self._pool is not None:
+            for t in feats.jac + [g.g for g in feats.grams]:
+                self._pool.append(t if t._base is None else t._base)
 
     # ---------------------------------------------------------------- one chunk
     def features(self, start: int, stop: int) -> _Features:
         x = slice_rows(self.inputs, start, stop)
         n = stop - start
-        feats = _Features(n, [], [])
+        feats = _Features(n, self.C, [], [])
         if self.streaming:
             feats.partial = torch.zeros(self.block_shape(n, n), dtype=torch.float64, device=_model_device(self.model))
         if self.plan.entries:
@@ -396,18 +461,20 @@ class Engine:
         return feats
 
     def _add_jacobian(self, feats: _Features, parts: list[Tensor]) -> None:
-        """Keep Jacobian parts ``(C, n, P)`` as features, or contract them at once when streaming."""
+        """Keep Jacobian parts ``(m, n, P)`` as features, or contract them at once when streaming."""
         if feats.partial is None:
             feats.jac.extend(parts)
         else:
-            tmp = _Features(feats.n, parts, [])
+            tmp = _Features(feats.n, feats.m, parts, [])
             self.contract(tmp, tmp, feats.partial)
 
     def _cast(self, t: Tensor) -> Tensor:
         dtype = self.compute_dtype or torch.promote_types(t.dtype, torch.float32)
         return t if t.dtype == dtype else t.to(dtype)
 
-    def _capture(self, x: Any, n: int, feats: _Features) -> None:
+    def _forward(self, x: Any, n: int, partial: Optional[Tensor]) -> tuple[Tensor, list[Tensor], list[int], list]:
+        """One forward with hooks: the outputs, the captured layer outputs that need a gradient,
+        their indices among the plan's entries, and one feature sink per entry."""
         entries = self.plan.entries
         records: dict[int, list] = {id(e.module): [] for e in entries}
 
@@ -439,15 +506,26 @@ class Engine:
             zs.append(rec[0][1])
         if not out.requires_grad:
             raise RuntimeError(_NON_DIFFERENTIABLE)
-        sinks = [_OutputSink(self, e, [a.detach() for a in records[id(e.module)][0][0]], n, feats.partial)
+        sinks = [_OutputSink(self, e, [a.detach() for a in records[id(e.module)][0][0]], n, partial)
                  for e in entries]
         # An output computed without grad (e.g. a frozen branch run under no_grad) contributes nothing.
         live = [i for i, z in enumerate(zs) if z.requires_grad]
-        for c, grads in self._output_gradients(out, [zs[i] for i in live]):
-            for i, g in zip(live, grads):
-                if g is not None:
-                    sinks[i].add(c, g.detach())
-        del out, zs, records
+        return out, [zs[i] for i in live], live, sinks
+
+    @staticmethod
+    def _feed(sinks: list, live: list[int], c: int, grads) -> None:
+        grads = list(grads)
+        for pos, i in enumerate(live):
+            g, grads[pos] = grads[pos], None  # let each gradient go once its features are formed
+            if g is not None:
+                sinks[i].add(c, g.detach())
+            del g
+
+    def _capture(self, x: Any, n: int, feats: _Features) -> None:
+        out, zs, live, sinks = self._forward(x, n, feats.partial)
+        for c, grads in (self._output_gradients(out, zs) if zs else ()):
+            self._feed(sinks, live, c, grads)
+        del out, zs
         for sink in sinks:
             sink.finish(feats)
 
@@ -458,9 +536,9 @@ class Engine:
         output's intermediate gradients are alive); elsewhere one backward vmapped over the outputs.
         """
         C = self.C
-        eye = torch.eye(C, dtype=out.dtype, device=out.device)
-        cotangents = eye.unsqueeze(1).expand(C, out.shape[0], C)
         if C > 1 and out.device.type != "cpu":
+            eye = torch.eye(C, dtype=out.dtype, device=out.device)
+            cotangents = eye.unsqueeze(1).expand(C, out.shape[0], C)
             try:
                 batched = torch.autograd.grad(out, zs, grad_outputs=cotangents, is_grads_batched=True,
                                               allow_unused=True, retain_graph=True)
@@ -471,11 +549,80 @@ class Engine:
                     yield c, [None if g is None else g[c] for g in batched]
                 return
         for c in range(C):
-            yield c, torch.autograd.grad(out, zs, grad_outputs=cotangents[c], allow_unused=True,
-                                         retain_graph=c < C - 1)
+            yield c, self._gradient(out, zs, c, retain=c < C - 1)
+
+    def _gradient(self, out: Tensor, zs: list[Tensor], c: int, retain: bool):
+        """``d f_c / d z`` for each captured ``z`` (one backward of output ``c`` summed over samples)."""
+        cotangent = torch.zeros_like(out)
+        cotangent[:, c] = 1
+        return torch.autograd.grad(out, zs, grad_outputs=cotangent, allow_unused=True, retain_graph=retain)
+
+    def output_groups(self) -> int:
+        """Groups of outputs that a one-chunk block kernel holds features for (see ``diagonal_block``)."""
+        if self.kind != "block" or self.C < _GROUP_MIN_OUTPUTS or _model_device(self.model).type != "cpu":
+            return 1
+        return max(1, min(_OUTPUT_GROUPS, self.C))
+
+    def diagonal_block(self, start: int, stop: int, out: Tensor) -> None:
+        """Add the block kernel of one chunk with itself to ``out`` ``(C, n, C, n)``: the blocks of
+        outputs ``c' <= c`` only (the rest is their mirror image; ``symmetrize_`` fills it in).
+
+        With ``g = output_groups() > 1`` the features of only one group of ``h = ceil(C/g)`` outputs
+        are held at a time: for each group, its outputs' features are formed (one backward each) and
+        contracted with themselves, then the outputs before the group are recomputed one at a time
+        (one more backward each, on the same forward) and contracted with the group. Peak features:
+        ``h + 1`` outputs instead of ``C``, for ``C (g - 1) / 2`` extra backwards. Parameters on the
+        whole-model Jacobian route are computed for all outputs at once, before the pass.
+        """
+        groups = self.output_groups()
+        n, C = stop - start, self.C
+        if groups == 1 or not self.plan.entries:
+            feats = self.features(start, stop)
+            self.contract(feats, feats, out, lower=True)
+            return
+        x = slice_rows(self.inputs, start, stop)
+        if self.plan.fallback:
+            parts = self._fallback_jacobian(x, n)
+            feats = _Features(n, C, parts, [])
+            self.contract(feats, feats, out, lower=True)
+            del feats, parts
+        h = -(-C // groups)
+        bounds = [(g0, min(g0 + h, C)) for g0 in range(0, C, h)]
+        calls = C + sum(g0 for g0, _ in bounds)
+        done = 0
+        model_out, zs, live, sinks = self._forward(x, n, None)
+        if not zs:
+            return  # no captured layer is on the graph of the outputs
+
+        def collect(c0: int, c1: int) -> _Features:
+            nonlocal done
+            for sink in sinks:
+                sink.begin(c0, c1 - c0)
+            for c in range(c0, c1):
+                done += 1
+                self._feed(sinks, live, c, self._gradient(model_out, zs, c, retain=done < calls))
+            feats = _Features(n, c1 - c0, [], [])
+            for sink in sinks:
+                sink.finish(feats)
+            return feats
+
+        self._input_grams, self._pool = {}, []
+        try:
+            for g0, g1 in bounds:
+                held = collect(g0, g1)
+                self.contract(held, held, out[g0:g1, :, g0:g1], lower=True)
+                for c in range(g0):
+                    one = collect(c, c + 1)
+                    self.contract(held, one, out[g0:g1, :, c:c + 1])
+                    del one  # not pooled: it would be alive during the next backward
+                self.release(held)
+                del held
+        finally:
+            self._input_grams, self._pool = None, None
 
     def _module_jacobian(self, e: _Entry, args: list[Tensor], g: Tensor) -> list[Tensor]:
-        """Per-sample Jacobians of a module's own parameters by VJPs through that module alone."""
+        """Per-sample Jacobians ``(m, n, P)`` of a module's own parameters by VJPs through that module
+        alone, from the output gradients ``g (m, n, ...)`` of ``m`` outputs."""
         m = e.module
         names = list(e.params)
         params = {k: e.params[k].detach() for k in names}
@@ -487,8 +634,8 @@ class Engine:
             _, pullback = vjp(lambda p: single(p, *xs), params)
             return vmap(pullback)(gi)[0]
 
-        n = args[0].shape[0]
-        gs = g.transpose(0, 1)  # (n, C, *out)
+        n, outputs = args[0].shape[0], g.shape[0]
+        gs = g.transpose(0, 1)  # (n, m, *out)
         result = None
         if self._vmap_ok:
             try:
@@ -498,10 +645,10 @@ class Engine:
                 self._vmap_ok = False
         if result is None:
             result = self._vjp_loop(single, params, args, gs)
-        return [self._cast(result[k].reshape(n, self.C, -1).transpose(0, 1)).contiguous() for k in names]
+        return [self._cast(result[k].reshape(n, outputs, -1).transpose(0, 1)).contiguous() for k in names]
 
     def _fallback_jacobian(self, x: Any, n: int) -> list[Tensor]:
-        """Whole-model per-sample Jacobians w.r.t. the fallback parameters, ``(n, C, P)`` each."""
+        """Whole-model per-sample Jacobians w.r.t. the fallback parameters, ``(C, n, P)`` each."""
         names = list(self.plan.fallback)
         params = {"model." + k: v.detach() for k, v in self.plan.fallback.items()}
         leaves, batched = _batched_leaves(x)
@@ -528,12 +675,13 @@ class Engine:
     def _vjp_loop(self, single: Callable, params: dict, args: list[Tensor], gs: Tensor) -> dict:
         """Per-sample VJPs one sample and one output at a time (models that vmap cannot batch)."""
         rows = []
+        outputs = gs.shape[1]
         for i in range(gs.shape[0]):
             with torch.enable_grad():
                 p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
                 out = single(p, *(t[i] for t in args))
-                per_c = [torch.autograd.grad(out, list(p.values()), gs[i, c], retain_graph=c < self.C - 1,
-                                             allow_unused=True) for c in range(self.C)]
+                per_c = [torch.autograd.grad(out, list(p.values()), gs[i, c], retain_graph=c < outputs - 1,
+                                             allow_unused=True) for c in range(outputs)]
             rows.append({k: torch.stack([pc[j].detach() if pc[j] is not None else torch.zeros_like(p[k])
                                          for pc in per_c]).detach() for j, k in enumerate(p)})
         return {k: torch.stack([r[k] for r in rows]) for k in params}
@@ -557,31 +705,63 @@ class Engine:
         C = self.C
         return {"block": (C, nI, C, nJ), "trace": (nI, nJ), "diagonal": (C, nI, nJ)}[self.kind]
 
-    def contract(self, FI: _Features, FJ: _Features, out: Tensor) -> Tensor:
-        """Add the kernel block between two chunks to ``out`` (float64): block ``(C, nI, C, nJ)``,
-        trace ``(nI, nJ)``, diagonal ``(C, nI, nJ)``. Temporaries are bounded by slicing the outputs."""
-        C, nI, nJ, kind = self.C, FI.n, FJ.n, self.kind
+    def contract(self, FI: _Features, FJ: _Features, out: Tensor, lower: bool = False) -> Tensor:
+        """Add the kernel block between two chunks to ``out`` (float64): block ``(FI.m, nI, FJ.m, nJ)``,
+        trace ``(nI, nJ)``, diagonal ``(C, nI, nJ)``.
+
+        ``lower`` (block kernel, ``FI`` and ``FJ`` the same outputs of the same samples): only the
+        blocks of outputs ``c' <= c`` are added, half the work; the others are their mirror image.
+        Products are formed in the compute dtype a slab of rows at a time (at most ``_SLAB``
+        elements) in reused buffers, then added into ``out`` in float64.
+        """
+        scratch = _Scratch()
         if FI.partial is not None:
             out.add_(FI.partial)
+        if self.kind == "block":
+            self._contract_block(FI, FJ, out, lower, scratch)
+            return out
+        C, nI, nJ = self.C, FI.n, FJ.n
         for JI, JJ in zip(FI.jac, FJ.jac):  # (C, n, P), output-major like the kernel
-            P = JI.shape[2]
-            if kind == "block":
-                right = JJ.reshape(C * nJ, P).T
-                for c0, c1 in _slabs(C, C * nI * nJ):
-                    out[c0:c1].add_((JI[c0:c1].reshape(-1, P) @ right).view(c1 - c0, nI, C, nJ))
-            elif kind == "trace":
-                for c0, c1 in _slabs(C, nI * nJ):
-                    out.add_(torch.bmm(JI[c0:c1], JJ[c0:c1].transpose(1, 2)).sum(dim=0))
-            else:
-                out.add_(torch.bmm(JI, JJ.transpose(1, 2)))
+            for c0, c1 in _slabs(C, nI * nJ):
+                prod = torch.bmm(JI[c0:c1], JJ[c0:c1].transpose(1, 2),
+                                 out=scratch.get("prod", (c1 - c0, nI, nJ), JI))
+                self._add_outputs(out, c0, c1, prod, scratch)
         for gi, gj in zip(FI.grams, FJ.grams):
-            self._gram_block(gi, gj, nI, nJ, out)
+            Ga = self._input_gram(gi, gj, nI, nJ)
+            S, d = gi.g.shape[2], gi.g.shape[3]
+            for c0, c1 in _slabs(C, nI * nJ * S * S):
+                Gg = torch.bmm(gi.g[c0:c1].reshape(c1 - c0, nI * S, d),
+                               gj.g[c0:c1].reshape(c1 - c0, nJ * S, d).transpose(1, 2),
+                               out=scratch.get("prod", (c1 - c0, nI * S, nJ * S), gi.g))
+                if self.kind == "trace":  # sum_c g_c g_c^T first: one product with the input Gram
+                    Gg = Gg[0] if c1 - c0 == 1 else torch.sum(Gg, dim=0, out=scratch.get("sum0", Gg.shape[1:], Gg))
+                prod = Gg.mul_(Ga)
+                if S > 1:
+                    lead = prod.shape[:-2]
+                    prod = torch.sum(prod.view(*lead, nI, S, nJ, S), dim=(-3, -1),
+                                     out=scratch.get("sum", (*lead, nI, nJ), prod))
+                if self.kind == "trace":
+                    scratch.add_into(out, prod)
+                else:
+                    scratch.add_into(out[c0:c1], prod)
         return out
 
-    def _gram_block(self, gi: _Gram, gj: _Gram, nI: int, nJ: int, out: Tensor) -> None:
-        C, kind = self.C, self.kind
+    def _add_outputs(self, out: Tensor, c0: int, c1: int, prod: Tensor, scratch: _Scratch) -> None:
+        """Trace: add ``sum_c prod[c]``; diagonal: add ``prod`` to outputs ``c0..c1-1``."""
+        if self.kind == "trace":
+            prod = prod[0] if c1 - c0 == 1 else torch.sum(prod, dim=0, out=scratch.get("sum0", prod.shape[1:], prod))
+            scratch.add_into(out, prod)
+        else:
+            scratch.add_into(out[c0:c1], prod)
+
+    def _input_gram(self, gi: _Gram, gj: _Gram, nI: int, nJ: int) -> Tensor:
+        """``(nI*S, nJ*S)`` Gram of two chunks' layer inputs at every position (token equality for
+        embeddings), in the dtype of the output gradients."""
+        cache = self._input_grams
+        same = cache is not None and gi.a is gj.a
+        if same and id(gi.a) in cache:
+            return cache[id(gi.a)][1]
         S = gi.g.shape[2]
-        d = gi.g.shape[3]
         if gi.tokens:
             ti, tj = gi.a.reshape(-1), gj.a.reshape(-1)
             Ga = (ti[:, None] == tj[None, :])
@@ -590,30 +770,52 @@ class Engine:
             Ga = Ga.to(gi.g.dtype)
         else:
             Ga = gi.a.reshape(nI * S, -1) @ gj.a.reshape(nJ * S, -1).T
-        if kind == "block":
-            right = gj.g.reshape(C * nJ * S, d).T
-            for c0, c1 in _slabs(C, C * nI * nJ * S * S):
-                Gg = gi.g[c0:c1].reshape(-1, d) @ right
-                if S == 1:
-                    out[c0:c1].add_(Gg.view(c1 - c0, nI, C, nJ).mul_(Ga.view(1, nI, 1, nJ)))
-                else:
-                    prod = Gg.view(c1 - c0, nI, S, C, nJ, S).mul_(Ga.view(1, nI, S, 1, nJ, S))
-                    out[c0:c1].add_(prod.sum(dim=(2, 5)))
-            return
-        if kind == "trace":
-            for c0, c1 in _slabs(C, nI * nJ * S * S):  # sum_c g_c g_c^T without copying g
-                Gg = torch.bmm(gi.g[c0:c1].reshape(c1 - c0, nI * S, d),
-                               gj.g[c0:c1].reshape(c1 - c0, nJ * S, d).transpose(1, 2)).sum(dim=0)
-                prod = Gg.mul_(Ga)
-                out.add_(prod if S == 1 else prod.view(nI, S, nJ, S).sum(dim=(1, 3)))
-            return
-        Gg = torch.bmm(gi.g.reshape(C, nI * S, d), gj.g.reshape(C, nJ * S, d).transpose(1, 2))
-        prod = Gg.mul_(Ga.unsqueeze(0))
-        out.add_(prod if S == 1 else prod.view(C, nI, S, nJ, S).sum(dim=(2, 4)))
+        if same:
+            cache[id(gi.a)] = (gi.a, Ga)  # holding the tensor keeps its id from being reused
+        return Ga
+
+    def _contract_block(self, FI: _Features, FJ: _Features, out: Tensor, lower: bool, scratch: _Scratch) -> None:
+        mI, mJ, nI, nJ = FI.m, FJ.m, FI.n, FJ.n
+        grams = [(gi, gj, self._input_gram(gi, gj, nI, nJ)) for gi, gj in zip(FI.grams, FJ.grams)]
+        widest = max([gi.g.shape[2] ** 2 for gi in FI.grams], default=1)
+        # Square-ish tiles of the (rows (c, i)) x (columns (c', j)) product: each operand is read
+        # about (its size / tile side) times, not once per row slab.
+        budget = max(1, _SLAB // widest)
+        row_size = max(1, budget // min(mJ * nJ, math.isqrt(budget)))
+        for c0, c1, r0, r1 in _spans(mI, nI, row_size):
+            rows = (c1 - c0) * (r1 - r0)
+            for d0, d1, j0, j1 in _spans(c1 if lower else mJ, nJ, max(1, budget // rows)):
+                cols = (d1 - d0) * (j1 - j0)
+                dst = out[c0:c1, r0:r1, d0:d1, j0:j1]
+                shape = (c1 - c0, r1 - r0, d1 - d0, j1 - j0)
+                for JI, JJ in zip(FI.jac, FJ.jac):  # (m, n, P)
+                    P = JI.shape[2]
+                    prod = torch.mm(JI[c0:c1, r0:r1].reshape(-1, P), JJ[d0:d1, j0:j1].reshape(-1, P).T,
+                                    out=scratch.get("prod", (rows, cols), JI))
+                    scratch.add_into(dst, prod.view(shape))
+                for gi, gj, Ga in grams:  # sum_{p,q} (g_cip . g_c'jq)(a_ip . a_jq) on this tile
+                    S, d = gi.g.shape[2], gi.g.shape[3]
+                    Gg = torch.mm(gi.g[c0:c1, r0:r1].reshape(-1, d), gj.g[d0:d1, j0:j1].reshape(-1, d).T,
+                                  out=scratch.get("prod", (rows * S, cols * S), gi.g))
+                    if S == 1:
+                        prod = Gg.view(shape).mul_(Ga[r0:r1, j0:j1][None, :, None, :])
+                    else:
+                        Gg = Gg.view(c1 - c0, r1 - r0, S, d1 - d0, j1 - j0, S)
+                        Gg.mul_(Ga.view(nI, S, nJ, S)[r0:r1, :, j0:j1][None, :, :, None])
+                        prod = torch.sum(Gg, dim=(2, 5), out=scratch.get("sum", shape, Gg))
+                    scratch.add_into(dst, prod)
 
 
-# Largest temporary (elements) of one slab of a contraction.
-_SLAB = 2**18
+# Largest temporary (elements) of one slab of a contraction (float32 product + its float64 copy:
+# 12 bytes per element).
+_SLAB = 2**16
+# One-chunk block kernels on CPU hold the features of one of this many groups of outputs at a time
+# (``Engine.diagonal_block``), when there are at least _GROUP_MIN_OUTPUTS outputs.
+_OUTPUT_GROUPS = 2
+_GROUP_MIN_OUTPUTS = 6
+# A "jac"-order Conv2d rebuilds its input patches per output, this many elements at a time (64
+# times as many on accelerators, where each piece costs kernel launches).
+_PATCH_ELEMENTS = 2**17
 
 
 def _slabs(C: int, per_output: int) -> list[tuple[int, int]]:
@@ -622,24 +824,46 @@ def _slabs(C: int, per_output: int) -> list[tuple[int, int]]:
     return [(c, min(c + step, C)) for c in range(0, C, step)]
 
 
+def _spans(m: int, n: int, size: int) -> list[tuple[int, int, int, int]]:
+    """``(c0, c1, r0, r1)``: consecutive spans of the ``m*n`` indices ``(c, i)``, each of at most
+    ``size`` of them: several whole outputs, or equal parts of one output's ``n``."""
+    if size >= n:
+        step = min(m, size // n)
+        return [(c, min(c + step, m), 0, n) for c in range(0, m, step)]
+    part = -(-n // -(-n // size))
+    return [(c, c + 1, r, min(r + part, n)) for c in range(m) for r in range(0, n, part)]
+
+
 class _OutputSink:
     """Turns one captured module's output gradients, one output ``c`` at a time, into features.
 
     "jac"-order Linear/Conv2d layers form their per-(output, sample) weight gradients at once, so
     only one output's gradient is ever held for them; "gram"-order layers, embeddings and
-    per-module entries keep the gradients of all outputs (``C x`` their activations).
+    per-module entries keep the gradients of the collected outputs (``m x`` their activations).
+    ``begin(c0, m)`` starts collecting outputs ``c0 .. c0+m-1`` (all ``C`` by default).
     """
 
     def __init__(self, engine: Engine, e: _Entry, args: list[Tensor], n: int, partial: Optional[Tensor]) -> None:
         self.engine, self.e, self.args, self.n = engine, e, args, n
         self.C = engine.C
         self.partial = partial
+        self.offset, self.slots = 0, engine.C
         self.buffers: list[Tensor] = []
         self.a: Optional[Tensor] = None
         self.Ga: Optional[Tensor] = None
         self.aT: Optional[Tensor] = None
+        self.x: Optional[Tensor] = None
         if e.kind in ("linear", "conv2d"):
             x = engine._cast(args[0])
+            if e.kind == "conv2d" and e.order == "jac" and e.module.groups == 1 and partial is None:
+                # Patches are ~kh*kw times the input (which the graph holds anyway): while the
+                # features of many outputs are held, rebuild them a few samples at a time per output
+                # instead of holding them too. (Streaming holds one output's rows: keep them.)
+                k, L = _conv_patches(e.module, x[:1]).shape[1:]
+                self.x, self.k = x, k
+                budget = _PATCH_ELEMENTS if x.device.type == "cpu" else 64 * _PATCH_ELEMENTS  # fewer launches
+                self.patch_rows = max(1, budget // max(1, k * L))
+                return
             if e.kind == "linear":
                 a = x.reshape(n, -1, x.shape[-1])                        # (n, S, k)
                 aT = a.transpose(1, 2)
@@ -650,6 +874,11 @@ class _OutputSink:
                 self.a = self._with_bias_column(a)
             else:
                 self.a, self.aT = a, aT
+
+    def begin(self, offset: int, slots: int) -> None:
+        """Collect the features of outputs ``offset .. offset+slots-1`` into fresh buffers."""
+        self.offset, self.slots = offset, slots
+        self.buffers = []
 
     def _with_bias_column(self, a: Tensor) -> Tensor:
         parts = []
@@ -667,7 +896,7 @@ class _OutputSink:
             self.partial[c].add_(contribution)
 
     def add(self, c: int, g: Tensor) -> None:
-        e, n, C = self.e, self.n, self.C
+        e, n = self.e, self.n
         if e.kind == "module":
             gathered = g
         elif e.kind == "conv2d":
@@ -687,31 +916,37 @@ class _OutputSink:
                 self.buffers = [self.Ga]  # marks that a gradient arrived
                 return
             if not self.buffers:
-                self.buffers = [torch.empty((C,) + tuple(gathered.shape), dtype=gathered.dtype,
-                                            device=gathered.device)]
-            self.buffers[0][c] = gathered
+                self.buffers = [self.engine.empty(self.slots, tuple(gathered.shape), gathered.dtype, gathered.device)]
+            self.buffers[0][c - self.offset] = gathered
             return
         # "jac" order: per-(output, sample) gradients of the weight (and bias) for output c, as
         # A_i^T G_ci (k x d, the weight's entries transposed: any fixed order of P will do)
         gs = gathered.transpose(1, 2) if e.kind == "conv2d" else gathered  # (n, S, d)
         S, d = gs.shape[1], gs.shape[2]
         G = _groups(e)
-        k = self.a.shape[2]
+        k = self.k if self.x is not None else self.a.shape[2]
         if not self.buffers:
             shapes = []
             if "weight" in e.params:
-                shapes.append((C, n, d * (k // G)))
+                shapes.append((n, d * (k // G)))
             if "bias" in e.params:
-                shapes.append((C, n, d))
+                shapes.append((n, d))
             # streaming keeps one output's rows only
-            self.buffers = [torch.empty((1 if self.partial is not None else C,) + shape[1:], dtype=gs.dtype,
-                                        device=gs.device) for shape in shapes]
-        slot = 0 if self.partial is not None else c
+            slots = 1 if self.partial is not None else self.slots
+            self.buffers = [self.engine.empty(slots, shape, gs.dtype, gs.device) for shape in shapes]
+        slot = 0 if self.partial is not None else c - self.offset
         i = 0
         if "weight" in e.params:
             if G > 1:
                 w = torch.einsum("nsgo,nsgk->ngko", gs.reshape(n, S, G, d // G), self.a.reshape(n, S, G, k // G))
                 self.buffers[0][slot] = w.reshape(n, -1)
+            elif self.x is not None:
+                rows, b = self.buffers[0][slot].view(n, k, d), self.patch_rows
+                windows = _conv_windows(e.module, _conv_pad(e.module, self.x))
+                for s0 in range(0, n, b):
+                    patches = self.engine.patch_buffer(windows[s0:s0 + b])
+                    torch.bmm(patches.view(patches.shape[0], k, -1), gs[s0:s0 + b], out=rows[s0:s0 + b])
+                del windows
             else:
                 torch.bmm(self.aT, gs, out=self.buffers[0][slot].view(n, k, d))
             i = 1
@@ -722,19 +957,21 @@ class _OutputSink:
                 self._stream(c, J[0] @ J[0].T)
 
     def finish(self, feats: _Features) -> None:
-        e = self.e
-        if not self.buffers:
+        """Hand the collected features to ``feats`` (and let go of them here)."""
+        e, buffers = self.e, self.buffers
+        self.buffers = []
+        if not buffers:
             return  # no gradient reached this module's output
         if e.kind == "module":
-            self.engine._add_jacobian(feats, self.engine._module_jacobian(e, self.args, self.buffers[0]))
+            self.engine._add_jacobian(feats, self.engine._module_jacobian(e, self.args, buffers[0]))
         elif self.partial is not None:
             return  # contracted while streaming
         elif e.kind == "embedding":
-            feats.grams.append(_Gram(self.args[0].reshape(self.n, -1), self.buffers[0], True, e.module.padding_idx))
+            feats.grams.append(_Gram(self.args[0].reshape(self.n, -1), buffers[0], True, e.module.padding_idx))
         elif e.order == "gram":
-            feats.grams.append(_Gram(self.a, self.buffers[0]))
+            feats.grams.append(_Gram(self.a, buffers[0]))
         else:
-            feats.jac.extend(self.buffers)
+            feats.jac.extend(buffers)
 
 
 def _groups(e: _Entry) -> int:
@@ -765,36 +1002,70 @@ _NON_DIFFERENTIABLE = (
 )
 
 
-def _conv_patches(m: nn.Conv2d, x: Tensor) -> Tensor:
-    """im2col of a Conv2d's input, ``(n, C_in*kh*kw, L)``, with the module's padding mode."""
+def _conv_pad(m: nn.Conv2d, x: Tensor) -> Tensor:
+    """A Conv2d's input padded as the module pads it (its padding mode; ``"same"``/``"valid"``)."""
     padding = m.padding
-    if isinstance(padding, str) or m.padding_mode != "zeros":
-        if isinstance(padding, str):
-            if padding == "valid":
-                pads = (0, 0, 0, 0)
-            else:  # "same": total dilation*(k-1) per dimension, the extra one on the right/bottom
-                th = m.dilation[0] * (m.kernel_size[0] - 1)
-                tw = m.dilation[1] * (m.kernel_size[1] - 1)
-                pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-        else:
-            pads = (padding[1], padding[1], padding[0], padding[0])
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, pads, mode=mode)
-        padding = 0
-    return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        else:  # "same": total dilation*(k-1) per dimension, the extra one on the right/bottom
+            th = m.dilation[0] * (m.kernel_size[0] - 1)
+            tw = m.dilation[1] * (m.kernel_size[1] - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        pads = (padding[1], padding[1], padding[0], padding[0])
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
 
 
-def symmetrize_(K: Tensor, tile: int = 256) -> Tensor:
-    """Make a square matrix exactly symmetric in place (lower triangle wins), ``tile``-square temporaries."""
+def _conv_windows(m: nn.Conv2d, xpad: Tensor) -> Tensor:
+    """Strided view ``(n, C_in, kh, kw, H_out, W_out)`` of a padded input: the patches, uncopied."""
+    (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
+    windows = xpad.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    return windows.permute(0, 1, 4, 5, 2, 3)
+
+
+def _conv_patches(m: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col of a Conv2d's input, ``(n, C_in*kh*kw, L)`` (``F.unfold``'s layout), with the module's
+    padding mode; one copy of a strided view (several times faster than ``F.unfold`` on CPU)."""
+    w = _conv_windows(m, _conv_pad(m, x))
+    n, c, kh, kw, ho, wo = w.shape
+    return w.reshape(n, c * kh * kw, ho * wo)
+
+
+def symmetrize_(K: Tensor, tile: int = 128) -> Tensor:
+    """Make a square matrix exactly symmetric in place (lower triangle wins).
+
+    Off-diagonal ``tile``-square blocks are copied transposed; the diagonal ones recursively in
+    32-square tiles, whose triangles are the only temporaries (8 KiB each in float64).
+    """
     D = K.shape[0]
+    if D <= 32:
+        K.copy_(torch.tril(K) + torch.tril(K, -1).T)
+        return K
     for r in range(0, D, tile):
         r1 = min(r + tile, D)
-        diag = K[r:r1, r:r1]
-        diag.copy_(torch.tril(diag) + torch.tril(diag, -1).T)
         for c in range(0, r, tile):
-            c1 = min(c + tile, D)
-            K[c:c1, r:r1].copy_(K[r:r1, c:c1].T)
+            K[c:c + tile, r:r1].copy_(K[r:r1, c:c + tile].T)
+        symmetrize_(K[r:r1, r:r1], 32)
     return K
+
+
+def mirror_block_(K: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+    """``K[c', j, c, i] = K[c, i, c', j]`` for a ``(C, N, C, N)`` block kernel and all outputs.
+
+    One ``(n_i, n_j)`` transpose per pair of outputs (a permuted copy of the whole block inside
+    the same tensor would first copy the block); for small chunks one output at a time.
+    """
+    C = K.shape[0]
+    if (i1 - i0) * (j1 - j0) >= 4096:
+        for c in range(C):
+            for c2 in range(C):
+                K[c2, j0:j1, c, i0:i1].copy_(K[c, i0:i1, c2, j0:j1].T)
+    else:
+        for c in range(C):
+            K[:, j0:j1, c, i0:i1].copy_(K[c, i0:i1, :, j0:j1].permute(1, 2, 0))
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -806,33 +1077,50 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def fit_chunk(engine: Engine, chunk: int, feature_budget: Optional[int]) -> int:
+    """The chunk shrunk so that two chunks' features fit in ``feature_budget`` bytes (None: as is).
+
+    Features grow linearly with the samples, so one sample's features give the size (a wide model
+    under the Jacobian route needs ``C x P`` floats per sample, and a fixed chunk would otherwise
+    allocate gigabytes before any check).
+    """
+    if feature_budget is None:
+        return chunk
+    per_sample = engine.features(0, 1).nbytes()
+    fit = int(feature_budget // max(1, 2 * per_sample))
+    if fit < 1:
+        raise ValueError(
+            f"one sample's kernel features take {_fmt_bytes(per_sample)} (two are alive at once), more than the "
+            f"{_fmt_bytes(feature_budget)} that max_memory leaves besides the kernel; raise max_memory")
+    return min(chunk, fit)
+
+
 def run_blocks(engine: Engine, n: int, chunk: int, sink: Callable[[int, int, int, int, _Features, _Features], None],
-               cache_bytes: Optional[int], feature_budget: Optional[int] = None) -> None:
+               cache_bytes: Optional[int], feature_budget: Optional[int] = None,
+               diagonal: Optional[Callable[[int, int], None]] = None) -> None:
     """Call ``sink(i0, i1, j0, j1, FI, FJ)`` for every pair of chunks with ``j <= i``.
 
     Features of every chunk are kept when they fit in ``cache_bytes`` (estimated from the first
-    chunk); otherwise the features of earlier chunks are recomputed for each pair, so that peak
-    memory stays at two chunks' features. With ``feature_budget`` (bytes for those two chunks),
-    the chunk is first shrunk to fit: features grow linearly with the samples, so one sample's
-    features give the size (a wide model under the Jacobian route needs ``C x P`` floats per
-    sample, and a fixed chunk would otherwise allocate gigabytes before any check).
+    chunk), and always with two chunks (the pair of them is alive at once anyway); otherwise the
+    features of earlier chunks are recomputed for each pair, so that peak memory stays at two
+    chunks' features. With ``feature_budget`` (bytes for those two chunks), the chunk is first
+    shrunk to fit (:func:`fit_chunk`). When all samples fit one chunk and ``diagonal`` is given,
+    ``diagonal(0, n)`` is called instead (the engine's one-chunk pass, which needs no features
+    of all outputs at once).
     """
-    if feature_budget is not None:
-        per_sample = engine.features(0, 1).nbytes()
-        fit = int(feature_budget // max(1, 2 * per_sample))
-        if fit < 1:
-            raise ValueError(
-                f"one sample's kernel features take {_fmt_bytes(per_sample)} (two are alive at once), more than the "
-                f"{_fmt_bytes(feature_budget)} that max_memory leaves besides the kernel; raise max_memory")
-        chunk = min(chunk, fit)
+    chunk = fit_chunk(engine, chunk, feature_budget)
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if diagonal is not None and len(bounds) == 1:
+        diagonal(0, n)
+        return
     engine.streaming = len(bounds) == 1 and engine.kind != "block"
     cache: dict[int, _Features] = {}
     keep = None
     for bi, (i0, i1) in enumerate(bounds):
         FI = cache.get(bi) or engine.features(i0, i1)
         if keep is None:
-            keep = len(bounds) > 1 and (cache_bytes is None or FI.nbytes() * len(bounds) <= cache_bytes)
+            keep = len(bounds) == 2 or (len(bounds) > 2 and (cache_bytes is None
+                                                            or FI.nbytes() * len(bounds) <= cache_bytes))
         if keep:
             cache[bi] = FI
         for bj in range(bi + 1):

@@ -42,7 +42,7 @@ from .._tree import num_rows, slice_rows
 from ._adapters import ForwardFn, model_outputs, per_sample_outputs
 from ._lanczos import lanczos_eigenvalues
 from ._ntk_structured import (KINDS, Engine, NTKPlan, _Bound, _fmt_bytes, check_independent_samples, make_plan,
-                              run_blocks, symmetrize_)
+                              mirror_block_, run_blocks, symmetrize_)
 
 Kind = Literal["block", "trace", "diagonal"]
 Method = Literal["auto", "jacobian"]
@@ -135,12 +135,15 @@ def empirical_ntk(
     ``method="jacobian"`` uses the whole-model Jacobians for every parameter (the reference).
 
     Cost: ``ceil(N/chunk)`` forwards and ``C`` backwards of each chunk (more when features are
-    recomputed, see memory), plus the contractions. Memory: the kernel itself, plus the features
-    of two chunks (for a Gram-route layer, ``C x`` its activations; for a Jacobian-route
-    parameter set, ``chunk * C * P`` values) — never ``N * C * P``. The features of all chunks
-    are cached when they fit in ``max_memory`` (1 GiB when it is None), else recomputed per pair
-    of chunks. With a single chunk, trace and diagonal kernels are contracted output by output
-    as the gradients arrive (only one output's Jacobian rows are alive).
+    recomputed, see memory), plus the contractions; a chunk paired with itself contracts only the
+    output blocks ``c' <= c``. Memory: the kernel itself, plus the features of two chunks (for a
+    Gram-route layer, ``C x`` its activations; for a Jacobian-route parameter set,
+    ``chunk * C * P`` values) — never ``N * C * P`` — plus contraction tiles of at most 768 KiB.
+    The features of all chunks are cached when they fit in ``max_memory`` (1 GiB when it is
+    None), else recomputed per pair of chunks. With a single chunk, trace and diagonal kernels are
+    contracted output by output as the gradients arrive (only one output's Jacobian rows are
+    alive), and a block kernel with ``C >= 6`` outputs (on CPU) holds the features of about
+    ``C/2 + 1`` outputs at a time, for ``C/2`` more backwards.
 
     Samples must not interact (eval mode: BatchNorm with running statistics, no dropout).
 
@@ -178,10 +181,10 @@ def empirical_ntk(
     cache = DEFAULT_CACHE_BYTES if max_memory is None else max(0, int(max_memory - kernel_bytes))
 
     def sink(i0, i1, j0, j1, FI, FJ):
-        if kind == "block":
-            engine.contract(FI, FJ, K[:, i0:i1, :, j0:j1])
+        if kind == "block":  # a chunk with itself: the blocks of outputs c' <= c; the rest is symmetry
+            engine.contract(FI, FJ, K[:, i0:i1, :, j0:j1], lower=i0 == j0)
             if i0 != j0:
-                K[:, j0:j1, :, i0:i1] = K[:, i0:i1, :, j0:j1].permute(2, 3, 0, 1)
+                mirror_block_(K, i0, i1, j0, j1)
         elif kind == "trace":
             engine.contract(FI, FJ, K[i0:i1, j0:j1])
             if i0 != j0:
@@ -191,8 +194,11 @@ def empirical_ntk(
             if i0 != j0:
                 K[:, j0:j1, i0:i1] = K[:, i0:i1, j0:j1].transpose(1, 2)
 
-    run_blocks(engine, N, chunk_size, sink, cache, feature_budget=_feature_budget(max_memory, kernel_bytes))
-    # Gram blocks of a chunk with itself are symmetric up to rounding; make the result exactly so.
+    diagonal = (lambda i0, i1: engine.diagonal_block(i0, i1, K)) if kind == "block" else None
+    run_blocks(engine, N, chunk_size, sink, cache, feature_budget=_feature_budget(max_memory, kernel_bytes),
+               diagonal=diagonal)
+    # Blocks of a chunk with itself hold the outputs c' <= c, and Gram blocks are symmetric only up
+    # to rounding: fill in and make the result exactly symmetric, in place.
     if kind == "diagonal":
         for c in range(C):
             symmetrize_(K[c])
