@@ -29,17 +29,12 @@ then take 100x longer at random); pass ``--threads 0`` for torch's default.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc as pygc
-import io
-import logging
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -48,8 +43,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_biasprobe import GradientNoise, WeightDiffusion
-from lightning_biasprobe.cli.demo import digits_tensors, make_mlp, run_demo
+from lightning_biasprobe.cli.demo import digits_tensors, make_mlp
 from lightning_biasprobe.functional.noise import gradient_noise_statistics, per_sample_gradients
+
+from _common import demo_fit_seconds, quartiles  # noqa: E402  (benchmarks/, the script's folder)
 
 N = 256
 TRAIN_BATCH = 64
@@ -112,12 +109,6 @@ def interleaved(baseline: Timed, candidates: list[Timed], settings: Settings) ->
             c.seconds.append(cand)
             baseline.seconds.append(base)
 
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -203,25 +194,8 @@ def part1(settings: Settings) -> list[tuple[str, ...]]:
 
 
 # --------------------------------------------------------------------------------------- part 2
-@contextlib.contextmanager
-def quiet():
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def demo_fit(epochs: int, probes: list, limit: Optional[int] = None) -> float:
-    with tempfile.TemporaryDirectory() as out, quiet():
-        return run_demo(out=out, epochs=epochs, probes=probes, progress=False, limit_batches=limit)["seconds"]
+    return demo_fit_seconds(epochs, probes, limit)
 
 
 def part2(settings: Settings) -> list[tuple[str, ...]]:

@@ -48,17 +48,12 @@ Needs scikit-learn (the demo's bundled digits).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc as pygc
-import io
-import logging
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -68,8 +63,10 @@ from torch import nn
 from lightning_biasprobe import FunctionFrequency
 
 from lightning_biasprobe.callbacks._data import stratified_positions
-from lightning_biasprobe.cli.demo import digits_tensors, make_mlp, run_demo
+from lightning_biasprobe.cli.demo import digits_tensors, make_mlp
 from lightning_biasprobe.functional.frequency import function_frequency, interpolation_pairs
+
+from _common import demo_fit_seconds, quartiles  # noqa: E402  (benchmarks/, the script's folder)
 
 NUM_SAMPLES = 256
 NUM_PAIRS = 100
@@ -150,11 +147,7 @@ def paired(unit: Candidate, candidates: list[Candidate], rounds: int, sample_sec
             unit.seconds.append(base)
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
+
 
 
 def fmt(q: tuple[float, float, float]) -> str:
@@ -231,24 +224,8 @@ def bench_measurement(rounds: int, sample_seconds: float) -> list[tuple[str, str
     return rows
 
 
-@contextlib.contextmanager
-def quiet():
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _demo(epochs: int, probes: list) -> float:
-    with tempfile.TemporaryDirectory() as out, quiet():
-        return run_demo(out=out, epochs=epochs, probes=probes, progress=False)["seconds"]
+    return demo_fit_seconds(epochs, probes)
 
 
 def bench_demo(pairs: int, epochs: int) -> list[tuple[str, str, str, str]]:

@@ -49,17 +49,12 @@ Needs scikit-learn (the demo's bundled digits data). ``torch.set_num_threads`` i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc as pygc
-import io
-import logging
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -68,8 +63,10 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 from lightning_biasprobe import GeometricComplexity
-from lightning_biasprobe.cli.demo import digits_tensors, make_mlp, run_demo
+from lightning_biasprobe.cli.demo import digits_tensors, make_mlp
 from lightning_biasprobe.functional.geometry import geometric_complexity
+
+from _common import demo_fit_seconds, quartiles  # noqa: E402  (benchmarks/, the script's folder)
 
 N_SAMPLES = 512
 TARGET_EXACT = 4.0  # exact GC <= 4x one forward+backward
@@ -207,13 +204,7 @@ def paired_timings(baseline: Candidate, candidates: list[Candidate], repeats: in
             baseline.seconds.append(base / baseline.number)
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile)."""
-    if len(values) < 2:
-        v = values[0]
-        return v, v, v
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
+
 
 
 def ratio_to_baseline(c: Candidate) -> tuple[float, float, float]:
@@ -292,28 +283,8 @@ def bench_gc_cost(label: str, model: nn.Module, x: Tensor, y: Tensor, settings: 
 
 
 # --------------------------------------------------------------------------------------- part 2
-@contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's info logging, its advisory warnings and anything it prints."""
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _demo(epochs: int, probes: list, limit_batches: Optional[int] = None) -> float:
-    """``run_demo`` in a throw-away log directory; returns its ``trainer.fit`` seconds."""
-    with tempfile.TemporaryDirectory() as out, quiet_lightning():
-        result = run_demo(out=out, epochs=epochs, probes=probes, progress=False, limit_batches=limit_batches)
-    return result["seconds"]
+    return demo_fit_seconds(epochs, probes, limit_batches)
 
 
 def bench_demo_overhead(settings: Settings) -> list[Row]:
