@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .callbacks._tensorboard import summary_writer_scalars
 from .callbacks.base import ProbeData, ProbeLogic
 
 Sink = Union[Callable[[int, dict], Any], Any]
@@ -66,6 +67,8 @@ class _SinkLogger:
         self.sink = sink
         # Histograms and figures go to SummaryWriter-like sinks (the base looks for ``experiment``).
         self.experiment = sink if hasattr(sink, "add_scalar") else None
+        # A torch SummaryWriter takes a point's scalars as one event (see callbacks/_tensorboard.py).
+        self.biasprobe_scalar_writer = summary_writer_scalars(sink)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.experiment is not None:

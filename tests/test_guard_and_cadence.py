@@ -3,6 +3,8 @@
 import random
 
 import numpy as np
+import random
+
 import pytest
 import torch
 from torch import nn
@@ -81,6 +83,21 @@ def test_log_spaced_steps_follow_baratin_schedule():
     assert [s for s in range(1, 101) if cadence.due_at_step(s)] == expected
 
 
+@pytest.mark.parametrize("factor", [1.25, 1.5, 2])
+def test_log_spaced_takes_a_growth_factor(factor):
+    expected = sorted({int(5 * factor**k) for k in range(60) if int(5 * factor**k) <= 10_000})
+    assert log_spaced_steps(10_000, factor=factor) == expected
+    cadence = Cadence(log_spaced=factor)
+    assert cadence.log_factor == factor
+    assert [s for s in range(1, 10_001) if cadence.due_at_step(s)] == expected
+    # Asked in any order and more than once (a resumed run, two hooks at one step): the same answers.
+    shuffled = list(range(1, 10_001))
+    random.Random(0).shuffle(shuffled)
+    again = Cadence(log_spaced=factor)
+    assert sorted(s for s in shuffled + shuffled[:500] if again.due_at_step(s)) == sorted(
+        expected + [s for s in shuffled[:500] if s in expected])
+
+
 def test_every_n_steps_epochs_and_budget():
     cadence = Cadence(every_n_steps=3, every_n_epochs=2, max_overhead=0.1)
     assert [s for s in range(0, 10) if cadence.due_at_step(s)] == [3, 6, 9]
@@ -91,7 +108,8 @@ def test_every_n_steps_epochs_and_budget():
 
 
 @pytest.mark.parametrize("kwargs", [dict(every_n_steps=0), dict(every_n_epochs=1.5), dict(max_overhead=0),
-                                    dict(every_n_steps=True)])
+                                    dict(every_n_steps=True), dict(log_spaced=1.0), dict(log_spaced=0.5),
+                                    dict(log_spaced="often")])
 def test_bad_cadence_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         Cadence(**kwargs)

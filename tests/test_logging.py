@@ -5,6 +5,7 @@ import glob
 import math
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -63,3 +64,57 @@ def test_values_reach_early_stopping(tmp_path):
     t2 = trainer([GeometricComplexity(every_n_epochs=1), diverge], max_epochs=5)
     t2.fit(BNDropoutNet(), loader(blobs()))
     assert t2.current_epoch == 1 and "Divergence threshold" in diverge.stopping_reason_message
+
+
+def _events(log_dir):
+    # The events as written (EventFileLoader would migrate simple_value into tensors).
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    return [e for path in sorted(glob.glob(f"{log_dir}/*tfevents*")) for e in LegacyEventFileLoader(path).Load()
+            if e.HasField("summary")]
+
+
+def test_a_point_is_one_tensorboard_event_with_add_scalar_values(tmp_path):
+    """Lightning's own TensorBoardLogger gets a point's scalars as one event (one serialization instead of
+    one per quantity), with the tags, steps and float32 values add_scalar writes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_biasprobe.callbacks._tensorboard import scalar_writer
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    gc = GeometricComplexity(every_n_steps=4, num_samples=32)
+    trainer([gc], max_epochs=1, logger=tb).fit(BNDropoutNet(), loader(blobs()))
+    assert scalar_writer(tb) is not None
+    ours = [e for e in _events(tb.log_dir) if e.summary.value[0].tag.startswith("biasprobe/")]
+    assert [e.step for e in ours] == gc.measured_steps == [0, 4, 6]
+    for event, (step, metrics) in zip(ours, gc.history):
+        assert {v.tag: v.simple_value for v in event.summary.value} == {
+            k: float(torch.tensor(v, dtype=torch.float32)) for k, v in metrics.items()}
+
+    reference = SummaryWriter(str(tmp_path / "add_scalar"))  # what Lightning's log_metrics would write
+    for k, v in gc.history[0][1].items():
+        reference.add_scalar(k, v, 0)
+    reference.close()
+    expected = sorted((v.tag, v.simple_value) for e in _events(tmp_path / "add_scalar") for v in e.summary.value)
+    assert sorted((v.tag, v.simple_value) for v in ours[0].summary.value) == expected
+
+
+def test_loggers_with_a_prefix_or_their_own_log_metrics_keep_log_metrics(tmp_path):
+    from lightning_biasprobe.callbacks._tensorboard import scalar_writer
+
+    class Recording(TensorBoardLogger):
+        seen: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.seen.append(step)
+            super().log_metrics(metrics, step)
+
+    prefixed = TensorBoardLogger(tmp_path, name="prefixed", prefix="run")
+    recording = Recording(tmp_path, name="recording")
+    assert scalar_writer(prefixed) is None and scalar_writer(recording) is None
+    gc = GeometricComplexity(every_n_steps=4, num_samples=32)
+    trainer([gc], max_epochs=1, logger=[prefixed, recording]).fit(BNDropoutNet(), loader(blobs()))
+    assert [s for s in Recording.seen if s in gc.measured_steps] == gc.measured_steps
+    events = EventAccumulator(prefixed.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("run-biasprobe/gc/logits")] == gc.measured_steps

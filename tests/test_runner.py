@@ -134,19 +134,28 @@ def test_summary_writer_and_callable_sinks(tmp_path):
     assert "biasprobe/ntk/spectrum_log10" in acc.Tags()["histograms"]
     assert [s for s, _ in rows] == [0, 1, 2]
     assert rows[0][1]["biasprobe/gc/logits"] == pytest.approx(events[0].value, rel=1e-6)
+    # Each point of each probe is one event holding all its scalars (callbacks/_tensorboard.py).
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    written = [e for path in tmp_path.glob("*tfevents*") for e in LegacyEventFileLoader(str(path)).Load()
+               if e.HasField("summary") and e.summary.value[0].HasField("simple_value")]
+    assert len(written) == 3 * 2 and all(len(e.summary.value) > 1 for e in written)
 
 
 def test_epoch_cadence_budget_clock_and_force():
     x, y = blobs(n=64).tensors
     net = make_net()
-    probe = lb.GeometricComplexity(every_n_epochs=2, at_start=False, at_end=False)
+    probe = lb.GeometricComplexity(every_n_epochs=2, at_start=False, at_end=False, max_overhead=100.0)
     runner = ProbeRunner(net, [probe], probe_data=(x, y))
     assert runner(0) == {} and runner(3) == {}
     assert runner.epoch_end(0) == {}
     assert "biasprobe/gc/logits" in runner.epoch_end(1)
     assert "biasprobe/gc/logits" in runner(5, force=True)
     assert probe.measured_steps == [3, 5]
-    assert probe._train_seconds > 0  # the time between calls counts as training
+    assert probe._train_seconds > 0  # the time between calls counts as training (for the budget)
+    unbudgeted = lb.GeometricComplexity(every_n_epochs=2)
+    ProbeRunner(net, [unbudgeted], probe_data=(x, y))(3)
+    assert unbudgeted._train_seconds == 0  # no budget: no clock read at every step
 
 
 def test_wrapped_modules_are_measured_under_their_own_names():

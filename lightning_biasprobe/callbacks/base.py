@@ -28,6 +28,7 @@ from ._data import BatchCollector, ProbeSet, UnpackFn, default_unpack, from_tens
     read_loader, read_map_dataset
 from ._guard import isolated
 from ._schedule import Cadence
+from ._tensorboard import scalar_writer
 
 ProbeData = Union[None, str, Tensor, tuple, list, dict, Iterable]
 
@@ -68,8 +69,9 @@ class ProbeLogic:
             When none of ``every_n_steps``, ``every_n_epochs`` and ``log_spaced`` is given, the
             probe's own default cadence applies (it may include a default ``max_overhead``).
         every_n_epochs: measure at the end of every n-th training epoch.
-        log_spaced: measure at global steps ``floor(5 * 1.15**k)`` (Baratin et al. 2021): dense
-            early, sparse late.
+        log_spaced: measure at global steps ``floor(5 * f**k)``, dense early, sparse late: ``True``
+            for f = 1.15 (Baratin et al. 2021; about 16 steps per decade), or the growth factor f
+            itself (a float > 1, e.g. 1.25 for about 10 per decade).
         at_start: measure before the first optimizer step (global step 0).
         at_end: measure when training ends (never skipped for the budget).
         max_overhead: a fraction of training-step time (e.g. 0.05): a scheduled measurement is
@@ -104,7 +106,7 @@ class ProbeLogic:
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         every_n_steps: Optional[int] = None,
         every_n_epochs: Optional[int] = None,
-        log_spaced: bool = False,
+        log_spaced: Union[bool, float] = False,
         at_start: bool = True,
         at_end: bool = True,
         max_overhead: Optional[float] = None,
@@ -128,7 +130,7 @@ class ProbeLogic:
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
         cadence = dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced)
-        if every_n_steps is None and every_n_epochs is None and not log_spaced:
+        if every_n_steps is None and every_n_epochs is None and log_spaced is False:
             # The probe's own default schedule, which may carry a default budget: an explicit
             # schedule from the user is kept exactly (no budget unless asked for).
             cadence.update(self.default_cadence)
@@ -332,7 +334,8 @@ class ProbeLogic:
                 self._collector = None
                 if self.cadence.at_start and trainer.global_step == 0:
                     self._maybe_measure(trainer, pl_module, force=True)
-        self._batch_t0 = time.perf_counter()  # after any measurement: the budget counts training only
+        if self.cadence.max_overhead is not None:  # the training clock serves the budget only
+            self._batch_t0 = time.perf_counter()  # after any measurement: the budget counts training only
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_t0 is not None:
@@ -418,7 +421,11 @@ class ProbeLogic:
         prefix = f"biasprobe/{self.log_name}/"
         metrics = {prefix + k: v for k, v in values.items()}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            write = scalar_writer(logger)
+            if write is not None:
+                write(metrics, step)  # one TensorBoard event for the point, not one per scalar
+            else:
+                logger.log_metrics(metrics, step=step)
             experiment = getattr(logger, "experiment", None) if self._histograms else None
             if experiment is not None and hasattr(experiment, "add_histogram"):
                 for quantity, hist in self._histograms:
@@ -429,7 +436,9 @@ class ProbeLogic:
         self.measured_steps.append(step)
         callback_metrics = getattr(trainer, "callback_metrics", None)
         if isinstance(callback_metrics, dict):
-            callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+            # Monitors (EarlyStopping, ModelCheckpoint) read 0-d tensors: views of one float64 tensor
+            # (one allocation per point, not one per quantity).
+            callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()))
 
     # ----------------------------------------------------------------- checkpoint state
     @property

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -16,35 +16,80 @@ from .base import ProbeLogic, ProbeSkipped
 
 
 FIT_POINTS_PER_DECADE = 32
+_FIT_SPACING = 10.0 ** (1.0 / FIT_POINTS_PER_DECADE)
 
 
-_GROUP_ELEMENTS = 1 << 24  # 64 MiB of float32 differences alive at a time, whatever the model size
+_GROUP_ELEMENTS = 1 << 22  # 4M entries per flat buffer: the measurement's scratch stays <= 48 MiB
+_BLOCK = 256  # entries per partial sum of squares (see _sums_of_squares)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _sums_of_squares(tensors: list[Tensor], *minus: list[Tensor]) -> list[float]:
-    """``[Σ x², Σ (x - m₁)², ...]`` over every entry of ``tensors`` (per-tensor norms, summed in float64).
-
-    One fused norm kernel per group of tensors for all the sums together (a per-tensor loop costs a
-    dispatch per tensor, most of a measurement on models with hundreds of parameter tensors), and
-    the groups are sized so that the temporary differences stay bounded whatever the model size.
-    """
-    totals = torch.zeros(1 + len(minus), dtype=torch.float64)
-    start = 0
+def _groups(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """Index ranges ``[start, stop)`` of consecutive same-dtype tensors, each range at most
+    ``_GROUP_ELEMENTS`` entries (or one tensor): the unit that is flattened into one buffer."""
+    ranges, start = [], 0
     while start < len(tensors):
         stop, size = start, 0
-        while stop < len(tensors) and (stop == start or size + tensors[stop].numel() <= _GROUP_ELEMENTS):
+        while stop < len(tensors) and (stop == start or (size + tensors[stop].numel() <= _GROUP_ELEMENTS
+                                                         and tensors[stop].dtype == tensors[start].dtype)):
             size += tensors[stop].numel()
             stop += 1
-        group = tensors[start:stop]
-        parts = list(group)
-        for m in minus:
-            parts += torch._foreach_sub(group, m[start:stop])
-        # Each tensor's norm in its own dtype (PyTorch reduces with cascade summation: relative error
-        # ~eps log n; a float64 upcast doubled the cost), combined across tensors in float64.
-        norms = torch.stack(torch._foreach_norm(parts, 2)).double().view(1 + len(minus), -1)
-        totals += norms.square().sum(dim=1).cpu()
+        ranges.append((start, stop))
         start = stop
-    return totals.tolist()
+    return ranges
+
+
+def _padded_length(tensors: list[Tensor]) -> int:
+    n = sum(t.numel() for t in tensors)
+    return n + (-n % _BLOCK)
+
+
+def _flatten_into(out: Tensor, tensors: list[Tensor]) -> Tensor:
+    """Write the tensors' entries one after another into the 1-D ``out``, zeros after them."""
+    n = sum(t.numel() for t in tensors)
+    views = [t.detach().reshape(-1) for t in tensors]
+    source = views[0].device
+    if all(v.device == source for v in views):
+        if source == out.device:
+            torch.cat(views, out=out[:n])
+        else:  # one transfer per group, not one per tensor
+            out[:n].copy_(torch.cat(views))
+    else:  # a model split over devices
+        offset = 0
+        for v in views:
+            out[offset:offset + v.numel()].copy_(v)
+            offset += v.numel()
+    out[n:].zero_()
+    return out
+
+
+def _flat_copy(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """A flat copy of the tensors on ``device`` (their dtype), zero-padded to whole blocks."""
+    out = torch.empty(_padded_length(tensors), dtype=tensors[0].dtype, device=device)
+    return _flatten_into(out, tensors)
+
+
+def _sums_of_squares(current: list[Tensor], reference: Tensor, previous: Optional[Tensor] = None) -> list[float]:
+    """``[Σ x², Σ (x - r)², Σ (x - p)²]`` for the entries ``x`` of ``current`` and the flat, padded ``r``
+    and ``p`` (the last only with ``previous``).
+
+    A few kernels whatever the number of tensors: the entries, both differences and all three sums
+    of squares go through one scratch buffer. The sums are exact to ~1e-9: each block of 256 squares
+    is summed in the weights' dtype (float32 error ~1e-7 of a block), the blocks' sums in float64; a
+    single float32 reduction was off by 1e-5 at 26k entries and 1e-3 at 1M (and a float64 copy of
+    the weights cost four times as much). Differences are taken in the weights' dtype (exact unless
+    the two differ by more than a factor 2, then rounded once); half precision in float32, where the
+    difference of two of them is exact.
+    """
+    rows = 2 if previous is None else 3
+    dtype = torch.float32 if reference.dtype in _LOW_PRECISION else reference.dtype
+    scratch = torch.empty(rows, reference.numel(), dtype=dtype, device=reference.device)
+    x = _flatten_into(scratch[0], current)
+    torch.sub(x, reference, out=scratch[1])
+    if previous is not None:
+        torch.sub(x, previous, out=scratch[2])
+    blocks = torch.linalg.vector_norm(scratch.view(rows, -1, _BLOCK), dim=2)
+    return torch.linalg.vector_norm(blocks, dim=1, dtype=torch.float64).square().tolist()
 
 
 class WeightDiffusionLogic(ProbeLogic):
@@ -108,7 +153,7 @@ class WeightDiffusionLogic(ProbeLogic):
     """
 
     name = "diffusion"
-    default_cadence = {"log_spaced": True}
+    default_cadence = {"log_spaced": 1.25}
     needs_probe_set = False
     isolate = False  # reads weights only, under no_grad
 
@@ -144,10 +189,16 @@ class WeightDiffusionLogic(ProbeLogic):
         self.min_points = min_points
         self.reference_device = reference_device
         self._names: Optional[list[str]] = None
-        self._reference: Optional[list[Tensor]] = None
+        self._shapes: list[torch.Size] = []
+        self._ranges: Optional[list[tuple[int, int]]] = None  # parameter groups, one flat buffer each
+        self._reference: Optional[list[Tensor]] = None  # flat, one per group
         self._points: list[tuple[float, float]] = []  # (t, distance) inside the fit window
-        self._previous: Optional[list[Tensor]] = None
+        self._previous: Optional[list[Tensor]] = None  # flat copies taken before a measured step
+        self._previous_params: Optional[list[Tensor]] = None
         self._previous_step = -1
+        self._copy_seconds = 0.0
+        self._global_zero = True
+        self._limits = (-1, -1)  # the trainer's max_steps and max_epochs (-1: none)
         self.current_step = 0
         self._warned_no_reference = False
 
@@ -159,9 +210,18 @@ class WeightDiffusionLogic(ProbeLogic):
         """The reference weights ``{parameter name: tensor}``, or None before they are taken."""
         if self._reference is None:
             return None
-        return dict(zip(self._names, self._reference))
+        tensors: list[Tensor] = []
+        for flat, (start, stop) in zip(self._reference, self._ranges):
+            shapes = self._shapes[start:stop]
+            sizes = [math.prod(shape) for shape in shapes]
+            pieces = flat[:sum(sizes)].split(sizes)
+            tensors += [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+        return dict(zip(self._names, tensors))
 
     # ----------------------------------------------------------------- weights
+    # The reference and the pre-step copy are kept flat, one 1-D buffer per group of same-dtype
+    # parameters (bounded size): a measurement is then a few kernels per group, not a few per
+    # parameter tensor, which on small models is most of its cost.
     def _device_for(self, module: nn.Module) -> torch.device:
         if self.reference_device is not None:
             return self.reference_device
@@ -169,17 +229,24 @@ class WeightDiffusionLogic(ProbeLogic):
             return p.device
         return torch.device("cpu")
 
-    def _copy(self, module: nn.Module, names: list[str]) -> list[Tensor]:
-        params = dict(module.named_parameters())
-        device = self._device_for(module)
-        return [params[n].detach().to(device, copy=True) for n in names]
+    @staticmethod
+    def _copy(tensors: list[Tensor], ranges: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Flat copies of ``tensors``, one per index range."""
+        return [_flat_copy(tensors[a:b], device) for a, b in ranges]
+
+    def _set_reference(self, names: list[str], tensors: list[Tensor], device: torch.device) -> None:
+        self._names = names
+        self._shapes = [t.shape for t in tensors]
+        self._ranges = _groups(tensors)
+        self._reference = self._copy(tensors, self._ranges, device)
 
     def capture_reference(self, module: nn.Module) -> None:
         """Take the module's current trainable parameters as the reference (one copy)."""
-        self._names = [n for n, p in module.named_parameters() if p.requires_grad]
-        if not self._names:
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if not names:
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameter to follow")
-        self._reference = self._copy(module, self._names)
+        params = dict(module.named_parameters())
+        self._set_reference(names, [params[n] for n in names], self._device_for(module))
         self._points = []
 
     def _tracked(self, module: nn.Module) -> list[Tensor]:
@@ -189,13 +256,16 @@ class WeightDiffusionLogic(ProbeLogic):
             raise ProbeSkipped(f"the reference has parameters the model no longer has: {missing[:3]}; a checkpoint "
                                "of another model? Start a new curve with a new WeightDiffusion")
         tensors = [params[n] for n in self._names]
-        for name, p, r in zip(self._names, tensors, self._reference):
-            if p.shape != r.shape:
-                raise ProbeSkipped(f"parameter {name} has shape {tuple(p.shape)}, the reference {tuple(r.shape)}")
+        for name, p, shape in zip(self._names, tensors, self._shapes):
+            if p.shape != shape:
+                raise ProbeSkipped(f"parameter {name} has shape {tuple(p.shape)}, the reference {tuple(shape)}")
         return tensors
 
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Fixed for the fit, read at every step: kept here rather than asked of the trainer each time.
+        self._global_zero = bool(trainer.is_global_zero)
+        self._limits = (getattr(trainer, "max_steps", -1) or -1, getattr(trainer, "max_epochs", -1) or -1)
         if not trainer.is_global_zero:
             self._reference = None  # only rank zero measures: no copy on the others
         elif self._reference is None:
@@ -210,27 +280,66 @@ class WeightDiffusionLogic(ProbeLogic):
                     f"or pass reference_step >= {trainer.global_step}.", RuntimeWarning, stacklevel=2)
         super().on_train_start(trainer, pl_module)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._previous, self._previous_step = None, -1
-        if not trainer.is_global_zero:
-            return
-        upcoming = trainer.global_step + 1
+    def _copy_due(self, trainer: Any, upcoming: int) -> bool:
+        """Whether the step about to be taken ends at a point that will be measured.
+
+        Asked before every optimizer step: the usual answer (no) costs a few attribute reads.
+        """
         if upcoming < self.reference_step or (self._reference is None and upcoming > self.reference_step):
-            return
-        max_steps = getattr(trainer, "max_steps", -1)
-        if (self.cadence.due_at_step(upcoming) or getattr(trainer, "is_last_batch", False)
-                or (max_steps is not None and max_steps > 0 and upcoming >= max_steps)):
-            names = self._names or [n for n, p in pl_module.named_parameters() if p.requires_grad]
-            self._previous, self._previous_step = self._copy(pl_module, names), upcoming
+            return False
+        cadence = self.cadence
+        if cadence.due_at_step(upcoming):
+            return True
+        max_steps, max_epochs = self._limits
+        if cadence.at_end and 0 < max_steps <= upcoming:
+            return True
+        final_epoch = cadence.at_end and 0 < max_epochs <= trainer.current_epoch + 1
+        if cadence.every_n_epochs is None and not final_epoch:
+            return False  # no epoch end measured in this epoch
+        return bool(getattr(trainer, "is_last_batch", False)) and (
+            final_epoch or cadence.due_at_epoch_end(trainer.current_epoch))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._previous, self._previous_step, self._previous_params = None, -1, None
+        if self._global_zero and self._copy_due(trainer, trainer.global_step + 1):
+            self.copy_before_step(pl_module, trainer.global_step + 1)
+
+    def copy_before_step(self, module: nn.Module, step: int) -> None:
+        """Copy the weights before the optimizer step that ends at global step ``step``, for the update
+        size measured there (the callback does this itself, only before steps it will measure)."""
+        started = time.perf_counter()
+        if self._reference is None:  # the step that ends at the reference point
+            tensors = [p for p in module.parameters() if p.requires_grad]
+            ranges = _groups(tensors)
+        else:
+            try:
+                tensors = self._tracked(module)
+            except ProbeSkipped:
+                return  # the measurement reports it
+            ranges = self._ranges
+        self._previous = self._copy(tensors, ranges, self._device_for(module))
+        # The optimizer updates these tensors in place: the measurement after the step reads them
+        # without looking the parameters up again.
+        self._previous_params, self._previous_step = tensors, step
+        # The copy is part of the point's cost: in the budget now, in its logged seconds later.
+        self._copy_seconds = time.perf_counter() - started
+        self._probe_seconds += self._copy_seconds
+
+    def run_measurement(self, module: nn.Module, step: int) -> Optional[dict[str, float]]:
+        copied = self._copy_seconds if self._previous_step == step else 0.0
+        values = super().run_measurement(module, step)
+        if values is not None:
+            values["seconds"] += copied
+        return values
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.is_global_zero and self._reference is None and trainer.global_step == self.reference_step:
+        if self._reference is None and self._global_zero and trainer.global_step == self.reference_step:
             self.capture_reference(pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
-        self._previous, self._previous_step = None, -1
+        self._previous, self._previous_step, self._previous_params = None, -1, None
 
     def should_measure(self, trainer: Any, pl_module: Any) -> bool:
         # Nothing to measure against: before the reference step, or (warned at train start) a run that
@@ -242,21 +351,20 @@ class WeightDiffusionLogic(ProbeLogic):
         if self._reference is None:
             raise ProbeSkipped(f"no reference weights (reference_step={self.reference_step} has not been reached "
                                "or was not restored)")
-        params = self._tracked(module)
         device = self._device_for(module)
         if self._reference[0].device != device:  # restored from a checkpoint onto another device
             self._reference = [r.to(device) for r in self._reference]
         previous = self._previous if self._previous_step == self.current_step else None
+        params = self._previous_params if previous is not None else self._tracked(module)
+        self._previous, self._previous_step, self._previous_params = None, -1, None  # used once
+        norm2 = dist2 = upd2 = 0.0
         with torch.no_grad():
-            # One fused kernel per quantity over all tensors (a per-tensor loop costs a dispatch
-            # per tensor: most of a measurement on models with hundreds of parameter tensors).
-            # Differences in the weights' own dtype (the reference is an exact copy of them),
-            # norms accumulated in float64.
-            x = [p.detach() if p.device == device else p.detach().to(device) for p in params]
-            if previous is not None:
-                norm2, dist2, upd2 = _sums_of_squares(x, self._reference, previous)
-            else:
-                (norm2, dist2), upd2 = _sums_of_squares(x, self._reference), 0.0
+            for i, (start, stop) in enumerate(self._ranges):
+                sums = _sums_of_squares(params[start:stop], self._reference[i],
+                                        None if previous is None else previous[i])
+                norm2, dist2 = norm2 + sums[0], dist2 + sums[1]
+                if previous is not None:
+                    upd2 += sums[2]
         distance, weight_norm = math.sqrt(dist2), math.sqrt(norm2)
         if not (math.isfinite(distance) and math.isfinite(weight_norm)):
             raise FloatingPointError("the weights are not finite")
@@ -266,32 +374,38 @@ class WeightDiffusionLogic(ProbeLogic):
             values["update_size"] = math.sqrt(upd2)
         elif self.current_step == 0:
             values["update_size"] = 0.0  # before the first optimizer step
+        values.update(self._fit(t, distance))
+        return values
+
+    def _fit(self, t: float, distance: float) -> dict[str, float]:
+        """Add ``(t, distance)`` to the sliding window and fit its log-log line (reused while unchanged)."""
         # The fit keeps log-spaced points only (at most FIT_POINTS_PER_DECADE per decade of t): late
         # times are not overweighted under an every-n-steps cadence, and memory and fit cost stay
-        # bounded however often the probe measures.
-        last = self._points[-1][0] if self._points else 0.0
-        if t >= self.t_min and distance > 0 and t >= last * 10.0 ** (1.0 / FIT_POINTS_PER_DECADE):
-            self._points.append((t, distance))
-        if self.window is not None and self._points:
-            latest = max(s for s, _ in self._points)
-            self._points = [(s, d) for s, d in self._points if s >= latest / 10.0**self.window]
-        usable = len(self._points)
-        if usable >= self.min_points:
-            # The fit changes only when a point enters or leaves the window: between such points
-            # (most measurements of a dense cadence) the last fit is reused.
-            # The points are those diffusion_exponent would keep (t >= t_min, positive, in the
-            # window), so the line is fitted directly, without its checks.
-            key = (self._points[0], self._points[-1], usable)
-            cached = self.__dict__.get("_fit_cache")
-            if cached is None or cached[0] != key:
-                points = np.asarray(self._points, dtype=np.float64)
-                slope, _, r2, _ = loglog_line(np.log(points[:, 0]), np.log(points[:, 1]))
-                cached = self.__dict__["_fit_cache"] = (key, (slope, r2, float(points[:, 0].min())))
-            slope, r2, t_start = cached[1]
-            values.update(exponent=slope, exponent_r2=r2, fit_points=usable, fit_t_start=t_start)
-        else:
-            values.update(exponent=0.0, exponent_r2=0.0, fit_points=usable, fit_t_start=0.0)
-        return values
+        # bounded however often the probe measures. Points enter in increasing t (each at least a
+        # factor above the last), so the window is trimmed from the front.
+        points = self._points
+        if t >= self.t_min and distance > 0 and (not points or t >= points[-1][0] * _FIT_SPACING):
+            points.append((t, distance))
+        if self.window is not None and points:
+            cut = points[-1][0] / 10.0**self.window
+            first = 0
+            while points[first][0] < cut:
+                first += 1
+            del points[:first]
+        usable = len(points)
+        if usable < self.min_points:
+            return {"exponent": 0.0, "exponent_r2": 0.0, "fit_points": usable, "fit_t_start": 0.0}
+        # The fit changes only when a point enters or leaves the window: between such points (most
+        # measurements of a dense cadence) the last fit is reused. The points are those
+        # diffusion_exponent would keep (t >= t_min, positive, in the window), so the line is
+        # fitted directly, without its checks.
+        key = (points[0], points[-1], usable)
+        cached = self.__dict__.get("_fit_cache")
+        if cached is None or cached[0] != key:
+            slope, _, r2, _ = loglog_line([math.log(s) for s, _ in points], [math.log(d) for _, d in points])
+            cached = self.__dict__["_fit_cache"] = (key, {"exponent": slope, "exponent_r2": r2,
+                                                          "fit_points": usable, "fit_t_start": points[0][0]})
+        return cached[1]
 
     # ----------------------------------------------------------------- checkpoint state
     def extra_state(self) -> dict:
@@ -300,7 +414,9 @@ class WeightDiffusionLogic(ProbeLogic):
         return {
             "reference_step": self.reference_step,
             "names": list(self._names),
-            "reference": [r.cpu() for r in self._reference],
+            # Per parameter (views of the flat buffers: torch.save writes each buffer once), so a
+            # checkpoint does not depend on how the parameters are grouped.
+            "reference": [r.cpu() for r in self.reference.values()],
             "points": [[t, d] for t, d in self._points],
         }
 
@@ -311,6 +427,5 @@ class WeightDiffusionLogic(ProbeLogic):
             raise ValueError(f"the checkpoint's reference is step {state['reference_step']}, this "
                              f"{type(self).__name__} has reference_step={self.reference_step}")
         device = self.reference_device or torch.device("cpu")  # the model's device is set at the first copy
-        self._names = list(state["names"])
-        self._reference = [r.to(device) for r in state["reference"]]
+        self._set_reference(list(state["names"]), list(state["reference"]), device)
         self._points = [(float(t), float(d)) for t, d in state.get("points", [])]

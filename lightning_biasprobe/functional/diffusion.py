@@ -49,22 +49,41 @@ def _as_array(values: Numbers, what: str) -> np.ndarray:
     return out
 
 
-def loglog_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
-    """Least squares ``y ≈ intercept + slope x``: ``(slope, intercept, r2, stderr)`` (float64 NumPy:
-    a few dozen points, where tensor ops would cost more than the math; it runs at every
-    WeightDiffusion measurement, so inputs are trusted here and checked by the callers)."""
-    n = x.size
-    x_mean, y_mean = x.mean(), y.mean()
-    xc, yc = x - x_mean, y - y_mean
-    sxx = float(xc @ xc)
+_PYTHON_POINTS = 256  # up to here a Python loop beats NumPy's per-call overhead
+
+
+def loglog_line(x: Union[Sequence[float], np.ndarray], y: Union[Sequence[float], np.ndarray]
+                ) -> tuple[float, float, float, float]:
+    """Least squares ``y ≈ intercept + slope x``: ``(slope, intercept, r2, stderr)``, in float64.
+
+    Centred two-pass sums. Up to a few hundred points (a WeightDiffusion fit window, refitted at
+    every point it adds) the sums are exactly rounded ``math.fsum`` over Python floats, where NumPy
+    would spend ten times the arithmetic on per-call overhead; longer inputs use NumPy. Inputs are
+    trusted here (finite, same length, at least two) and checked by the callers.
+    """
+    n = len(x)
+    if n > _PYTHON_POINTS:
+        xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x_mean, y_mean = float(xa.mean()), float(ya.mean())
+        xc, yc = xa - x_mean, ya - y_mean
+        sxx, sxy, syy = float(xc @ xc), float(xc @ yc), float(yc @ yc)
+        slope = sxy / sxx if sxx > 0 else 0.0
+        residual = yc - slope * xc
+        ss_res = float(residual @ residual)
+    else:
+        x_mean, y_mean = math.fsum(x) / n, math.fsum(y) / n
+        xc = [float(v) - x_mean for v in x]
+        yc = [float(v) - y_mean for v in y]
+        sxx = math.fsum(a * a for a in xc)
+        sxy = math.fsum(a * b for a, b in zip(xc, yc))
+        syy = math.fsum(b * b for b in yc)
+        slope = sxy / sxx if sxx > 0 else 0.0
+        ss_res = math.fsum((b - slope * a) ** 2 for a, b in zip(xc, yc))
     if sxx <= 0:
         raise ValueError("the points must span more than one time t to fit an exponent")
-    slope = float(xc @ yc) / sxx
-    residual = yc - slope * xc
-    ss_res, ss_tot = float(residual @ residual), float(yc @ yc)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    r2 = 1.0 - ss_res / syy if syy > 0 else 1.0
     stderr = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else math.nan
-    return slope, float(y_mean - slope * x_mean), r2, stderr
+    return slope, y_mean - slope * x_mean, r2, stderr
 
 
 def diffusion_exponent(
