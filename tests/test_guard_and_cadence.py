@@ -3,8 +3,6 @@
 import random
 
 import numpy as np
-import random
-
 import pytest
 import torch
 from torch import nn
