@@ -124,19 +124,31 @@ class WeightDiffusionLogic(ProbeLogic):
     late ``reference_step``.
 
     Memory: one copy of the trainable parameters (the reference, on ``reference_device``, CPU by
-    default) and, only around measurement points, a second one: the per-step update needs the
-    weights before the step, so they are copied (in ``on_before_optimizer_step``) only before steps
-    that will be measured — a scheduled step, the last batch of an epoch, ``max_steps`` — and freed
-    at the next step. An end of training that cannot be foreseen (``max_time``, a callback that
-    stops mid-epoch) logs no ``update_size`` at that point.
+    default, kept flat: one buffer per run of same-dtype parameters of at most 4M entries) and, only
+    around measurement points, a second one: the per-step update needs the weights before the step,
+    so they are copied (in ``on_before_optimizer_step``) only before steps that will be measured — a
+    scheduled step, the end of an epoch that is measured, the last epoch's last batch, ``max_steps``
+    — and freed at the measurement. An end of training that cannot be foreseen (``max_time``,
+    early stopping, a callback that stops mid-epoch) logs no ``update_size`` at that point. A
+    measurement's scratch buffer holds three rows of one group (at most 48 MiB).
 
-    Cost per measurement: reading the weights once (:math:`O(P)`, plus a device-to-host copy when
-    the reference is on the CPU and the model on a GPU); no forward or backward pass and no probe
-    data. On the demo MLP (26k parameters) about 0.2-0.5 ms, half of it the base class's isolation
-    guard; with the default cadence about 2 % of the demo's (tiny, 2-3 ms) training steps, far less
-    on models whose steps cost more than reading their weights (``benchmarks/bench_dynamics.py``).
-    Default cadence: log-spaced steps (``floor(5 * 1.15**k)``: dense early, about 16 points per
-    decade, which is what a log-log fit wants), at the start and at the end.
+    Numerics: differences in the weights' dtype (exact unless two entries differ by more than a
+    factor 2, then rounded once; half precision is widened to float32 first), sums of squares in
+    blocks of 256 in that dtype, the blocks' sums in float64: relative error ~1e-7 for float32
+    weights (a single float32 reduction is off by 1e-5 at 26k parameters and 1e-3 at 1M), ~1e-16
+    for float64 ones.
+
+    Cost per measurement: one pass over the weights, the reference and (with the update size) the
+    pre-step copy (:math:`O(P)`, plus a device-to-host copy when the reference is on the CPU and the
+    model on a GPU); no forward or backward pass and no probe data. Measured
+    (``benchmarks/bench_dynamics.py``, one CPU thread): a measured step (pre-step copy +
+    measurement) costs 0.18 of a plain training step of the demo MLP (26k parameters, 0.07 ms)
+    and 0.14 of one of a 1.1M-parameter MLP. Over a Lightning fit at the default cadence, the time
+    inside the probe's hooks (measurements, copies, logging, the checks at every step) is about
+    2.4 % of the 460-step demo and 1.0 % of the same run 5x longer (the points thin out as log t);
+    TensorBoard's writer thread adds up to 1 % more on the demo.
+    Default cadence: log-spaced steps ``floor(5 * 1.25**k)`` (about 10 points per decade, enough
+    for a log-log fit over a one-decade window), at the start and at the end.
 
     The reference, the reference step and the fitted points are checkpoint state, so a resumed run
     continues the same curve from the same reference.

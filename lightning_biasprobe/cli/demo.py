@@ -72,8 +72,9 @@ def default_probes() -> list:
 
 
 def run_demo(out: str = "biasprobe_logs", epochs: int = 20, batch_size: int = 64, seed: int = 0,
-             probes: Optional[list] = None, progress: bool = True, limit_batches: Optional[int] = None) -> dict:
-    """Train the demo MLP with ``probes`` (default: all), log to TensorBoard under ``out``.
+             probes: Optional[list] = None, progress: bool = True, limit_batches: Optional[int] = None,
+             width: int = 128) -> dict:
+    """Train the demo MLP (hidden ``width``) with ``probes`` (default: all), log to TensorBoard under ``out``.
 
     Returns ``{"metrics": {key: last value}, "logdir": ..., "seconds": ...}``.
     """
@@ -90,7 +91,7 @@ def run_demo(out: str = "biasprobe_logs", epochs: int = 20, batch_size: int = 64
         log_every_n_steps=10, limit_train_batches=limit_batches, limit_val_batches=limit_batches,
     )
     started = time.perf_counter()
-    trainer.fit(demo_module(), DataLoader(train, batch_size=batch_size, shuffle=True),
+    trainer.fit(demo_module(width=width), DataLoader(train, batch_size=batch_size, shuffle=True),
                 DataLoader(val, batch_size=256))
     metrics: dict[str, float] = {}
     for probe in probes:
