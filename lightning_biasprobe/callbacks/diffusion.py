@@ -312,9 +312,12 @@ class WeightDiffusionLogic(ProbeLogic):
             final_epoch or cadence.due_at_epoch_end(trainer.current_epoch))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._previous, self._previous_step, self._previous_params = None, -1, None
-        if self._global_zero and self._copy_due(trainer, trainer.global_step + 1):
-            self.copy_before_step(pl_module, trainer.global_step + 1)
+        if self._previous is not None:  # a copy nobody measured (the run did not end where foreseen)
+            self._previous, self._previous_step, self._previous_params = None, -1, None
+        if self._global_zero:
+            upcoming = trainer.global_step + 1
+            if self._copy_due(trainer, upcoming):
+                self.copy_before_step(pl_module, upcoming)
 
     def copy_before_step(self, module: nn.Module, step: int) -> None:
         """Copy the weights before the optimizer step that ends at global step ``step``, for the update
