@@ -74,10 +74,10 @@ def _sums_of_squares(current: list[Tensor], reference: Tensor, previous: Optiona
     and ``p`` (the last only with ``previous``).
 
     A few kernels whatever the number of tensors: the entries, both differences and all three sums
-    of squares go through one scratch buffer. The sums are exact to ~1e-9: each block of 256 squares
-    is summed in the weights' dtype (float32 error ~1e-7 of a block), the blocks' sums in float64; a
-    single float32 reduction was off by 1e-5 at 26k entries and 1e-3 at 1M (and a float64 copy of
-    the weights cost four times as much). Differences are taken in the weights' dtype (exact unless
+    of squares go through one scratch buffer. Each block of 256 squares is summed in the weights'
+    dtype, the blocks' sums in float64: relative error ~1e-7 for float32 weights even when every
+    rounding points the same way (tested), where a single float32 reduction was off by 1e-5 at 26k
+    entries and 1e-3 at 1M (and a float64 copy of the weights cost four times as much). Differences are taken in the weights' dtype (exact unless
     the two differ by more than a factor 2, then rounded once); half precision in float32, where the
     difference of two of them is exact.
     """
