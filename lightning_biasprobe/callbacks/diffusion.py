@@ -143,9 +143,9 @@ class WeightDiffusionLogic(ProbeLogic):
     model on a GPU); no forward or backward pass and no probe data. Measured
     (``benchmarks/bench_dynamics.py``, one CPU thread): a measured step (pre-step copy +
     measurement) costs 0.18 of a plain training step of the demo MLP (26k parameters, 0.07 ms)
-    and 0.14 of one of a 1.1M-parameter MLP. Over a Lightning fit at the default cadence, the time
+    and 0.13 of one of a 1.1M-parameter MLP. Over a Lightning fit at the default cadence, the time
     inside the probe's hooks (measurements, copies, logging, the checks at every step) is about
-    2.4 % of the 460-step demo and 1.0 % of the same run 5x longer (the points thin out as log t);
+    2.2 % of the 460-step demo and 1.0 % of the same run 5x longer (the points thin out as log t);
     TensorBoard's writer thread adds up to 1 % more on the demo.
     Default cadence: log-spaced steps ``floor(5 * 1.25**k)`` (about 10 points per decade, enough
     for a log-log fit over a one-decade window), at the start and at the end.
