@@ -1,15 +1,18 @@
-"""Pieces every benchmark script uses: quartiles of ratios, silencing Lightning, one demo fit."""
+"""Pieces the benchmark scripts share: quartiles of ratios, interleaved timing, silencing Lightning,
+one demo fit, a clock on a callback's hooks."""
 
 from __future__ import annotations
 
 import contextlib
+import gc as pygc
 import io
 import logging
 import statistics
 import tempfile
 import time
 import warnings
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -18,6 +21,51 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q2, q3
+
+
+@dataclass
+class Timed:
+    """A function to time, how many calls make one sample, and each round's ratio and seconds."""
+
+    name: str
+    fn: Callable[[], object]
+    number: int = 1
+    ratios: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def time_calls(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call of ``fn`` over ``number`` calls, with the garbage collector off."""
+    enabled = pygc.isenabled()
+    pygc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - start) / number
+    finally:
+        if enabled:
+            pygc.enable()
+
+
+def interleaved(unit: Timed, candidates: list[Timed], rounds: int, sample_seconds: float) -> None:
+    """Each round times every candidate right next to a sample of ``unit`` (order alternating, candidates
+    rotated), so that load from other processes mostly cancels in the ratios."""
+    for t in [unit, *candidates]:
+        for _ in range(3):
+            t.fn()
+        single = min(time_calls(t.fn, 1) for _ in range(5))
+        t.number = max(1, round(sample_seconds / max(single, 1e-9)))
+    for r in range(rounds):
+        k = r % len(candidates)
+        for i, c in enumerate(candidates[k:] + candidates[:k]):
+            if (r + i) % 2:
+                cand, base = time_calls(c.fn, c.number), time_calls(unit.fn, unit.number)
+            else:
+                base, cand = time_calls(unit.fn, unit.number), time_calls(c.fn, c.number)
+            c.ratios.append(cand / base)
+            c.seconds.append(cand)
+            unit.seconds.append(base)
 
 
 @contextlib.contextmanager

@@ -34,14 +34,13 @@ then take 100x longer at random); pass ``--threads 0`` for torch's default.
 from __future__ import annotations
 
 import argparse
-import gc as pygc
 import itertools
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytorch_lightning as pl
@@ -53,7 +52,7 @@ from lightning_biasprobe import GradientNoise, WeightDiffusion
 from lightning_biasprobe.cli.demo import digits_tensors, make_mlp
 from lightning_biasprobe.functional.noise import gradient_noise_statistics, per_sample_gradients
 
-from _common import HookClock, demo_fit_seconds, quartiles  # noqa: E402  (benchmarks/, the script's folder)
+from _common import HookClock, Timed, demo_fit_seconds, interleaved, quartiles  # noqa: E402  (benchmarks/)
 
 N = 256
 TRAIN_BATCH = 64
@@ -71,51 +70,6 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> "Settings":
         return cls(10, 0.02, 4, 2) if quick else cls(31, 0.04, 20, 6)
-
-
-@dataclass
-class Timed:
-    name: str
-    fn: Callable[[], object]
-    number: int = 1
-    ratios: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-
-
-def _time(fn: Callable[[], object], number: int) -> float:
-    enabled = pygc.isenabled()
-    pygc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-    finally:
-        if enabled:
-            pygc.enable()
-
-
-def _calibrate(t: Timed, sample_seconds: float) -> None:
-    for _ in range(3):
-        t.fn()
-    single = min(_time(t.fn, 1) for _ in range(5))
-    t.number = max(1, round(sample_seconds / max(single, 1e-9)))
-
-
-def interleaved(baseline: Timed, candidates: list[Timed], settings: Settings) -> None:
-    """Each round times every candidate next to a baseline sample (order alternating)."""
-    for t in [baseline, *candidates]:
-        _calibrate(t, settings.sample_seconds)
-    for r in range(settings.rounds):
-        for i, c in enumerate(candidates[r % len(candidates):] + candidates[:r % len(candidates)]):
-            if (r + i) % 2:
-                cand, base = _time(c.fn, c.number), _time(baseline.fn, baseline.number)
-            else:
-                base, cand = _time(baseline.fn, baseline.number), _time(c.fn, c.number)
-            c.ratios.append(cand / base)
-            c.seconds.append(cand)
-            baseline.seconds.append(base)
-
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -182,9 +136,9 @@ def part1(settings: Settings) -> list[tuple[str, ...]]:
     ]
     loop_timed = Timed('per_sample_gradients, method="loop" (N torch.autograd.grad calls)',
                        lambda: per_sample_gradients(model, x, y, method="loop"))
-    interleaved(base, cands, settings)
+    interleaved(base, cands, settings.rounds, settings.sample_seconds)
     short = Settings(max(3, settings.rounds // 5), settings.sample_seconds, settings.epochs, settings.pairs)
-    interleaved(base, [loop_timed], short)  # slow: fewer rounds
+    interleaved(base, [loop_timed], short.rounds, short.sample_seconds)  # slow: fewer rounds
     model.zero_grad(set_to_none=True)
     rows = [("forward+backward of the 256 samples (the unit)", ms(base.seconds), "1.00x", "", "")]
     for c in cands + [loop_timed]:
@@ -237,7 +191,7 @@ def measurement_rows(settings: Settings, width: int) -> list[tuple[str, ...]]:
     base = Timed("training step", train_step)
     measure = Timed("one measurement", measurement)
     both = Timed("copy + measurement", measured_step)
-    interleaved(base, [measure, both], settings)
+    interleaved(base, [measure, both], settings.rounds, settings.sample_seconds)
     name = f"MLP 64-{width}-{width}-10 ({size / 1e6:.2f}M parameters)"
     return [(f"{name}: plain PyTorch training step (batch {TRAIN_BATCH}, Adam): the unit", ms(base.seconds),
              "1.00x", "", ""),

@@ -48,7 +48,6 @@ Needs scikit-learn (the demo's bundled digits).
 from __future__ import annotations
 
 import argparse
-import gc as pygc
 import os
 import platform
 import statistics
@@ -66,7 +65,7 @@ from lightning_biasprobe.callbacks._data import stratified_positions
 from lightning_biasprobe.cli.demo import digits_tensors, make_mlp
 from lightning_biasprobe.functional.frequency import function_frequency, interpolation_pairs
 
-from _common import demo_fit_seconds, quartiles  # noqa: E402  (benchmarks/, the script's folder)
+from _common import Timed, demo_fit_seconds, interleaved, quartiles  # noqa: E402  (benchmarks/)
 
 NUM_SAMPLES = 256
 NUM_PAIRS = 100
@@ -109,47 +108,6 @@ def loop_frequency(model: nn.Module, x: torch.Tensor, pairs: torch.Tensor, m: in
     return np.array(out)
 
 
-class Candidate:
-    def __init__(self, name: str, fn: Callable[[], object]) -> None:
-        self.name, self.fn = name, fn
-        self.number = 1
-        self.ratios: list[float] = []
-        self.seconds: list[float] = []
-
-
-def _timed(fn: Callable[[], object], number: int) -> float:
-    enabled = pygc.isenabled()
-    pygc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-    finally:
-        if enabled:
-            pygc.enable()
-
-
-def paired(unit: Candidate, candidates: list[Candidate], rounds: int, sample_seconds: float) -> None:
-    """Each round times every candidate next to a sample of ``unit`` (order alternating)."""
-    for c in [unit] + candidates:
-        for _ in range(2):
-            c.fn()
-        c.number = max(1, round(sample_seconds / max(min(_timed(c.fn, 1) for _ in range(3)), 1e-9)))
-    for r in range(rounds):
-        for i, c in enumerate(candidates):
-            if (r + i) % 2:
-                base, cand = _timed(unit.fn, unit.number), _timed(c.fn, c.number)
-            else:
-                cand, base = _timed(c.fn, c.number), _timed(unit.fn, unit.number)
-            c.ratios.append(cand / base)
-            c.seconds.append(cand)
-            unit.seconds.append(base)
-
-
-
-
-
 def fmt(q: tuple[float, float, float]) -> str:
     return f"{q[1]:.2f}x [{q[0]:.2f}-{q[2]:.2f}]"
 
@@ -188,24 +146,24 @@ def bench_measurement(rounds: int, sample_seconds: float) -> list[tuple[str, str
     ours = function_frequency(model64, x64, y, pairs=pairs)
     agreement = float(np.nanmax(np.abs(ours.mean_frequency.numpy() - loop_frequency(model64, x64, pairs))))
 
-    unit = Candidate("train step", training_step_fn(model, x_all[:BATCH], y_all[:BATCH]))
+    unit = Timed("train step", training_step_fn(model, x_all[:BATCH], y_all[:BATCH]))
     model.eval()
-    floor = Candidate("the path points' forwards alone (12,800 points, chunks of 1,024, no_grad): the floor",
+    floor = Timed("the path points' forwards alone (12,800 points, chunks of 1,024, no_grad): the floor",
                       forward_floor_fn(model, x, pairs))
     cands = [
         floor,
-        Candidate("FunctionFrequency().run_measurement (guard + defaults)", lambda: probe.run_measurement(model, 0)),
-        Candidate("function_frequency, chunk_size=512", lambda: function_frequency(model, x, y, pairs=pairs,
+        Timed("FunctionFrequency().run_measurement (guard + defaults)", lambda: probe.run_measurement(model, 0)),
+        Timed("function_frequency, chunk_size=512", lambda: function_frequency(model, x, y, pairs=pairs,
                                                                                  chunk_size=512)),
-        Candidate("function_frequency, chunk_size=1024 (default)",
+        Timed("function_frequency, chunk_size=1024 (default)",
                   lambda: function_frequency(model, x, y, pairs=pairs)),
-        Candidate("function_frequency, chunk_size=4096", lambda: function_frequency(model, x, y, pairs=pairs,
+        Timed("function_frequency, chunk_size=4096", lambda: function_frequency(model, x, y, pairs=pairs,
                                                                                   chunk_size=4096)),
-        Candidate("function_frequency, chunk_size=None (one forward)",
+        Timed("function_frequency, chunk_size=None (one forward)",
                   lambda: function_frequency(model, x, y, pairs=pairs, chunk_size=None)),
-        Candidate("per-pair loop (straightforward, numpy FFT)", lambda: loop_frequency(model, x, pairs)),
+        Timed("per-pair loop (straightforward, numpy FFT)", lambda: loop_frequency(model, x, pairs)),
     ]
-    paired(unit, cands, rounds, sample_seconds)
+    interleaved(unit, cands, rounds, sample_seconds)
     model.zero_grad(set_to_none=True)
     rows = [("one plain training step of the demo MLP (batch 64: forward, loss, backward, SGD), the unit",
              f"{statistics.median(unit.seconds) * 1e3:.2f} ms", "1.00x", "")]
