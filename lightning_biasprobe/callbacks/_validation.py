@@ -194,7 +194,7 @@ class ValidationAccumulation:
                 raise ProbeSkipped("a validation batch failed on some rank (see the warning there)")
             values = self._finish(acc["plan"], totals)
         except Exception as err:  # noqa: BLE001 - the failure policy
-            self._probe_seconds += seconds
+            self.spend(seconds)
             self.fail(step, err)
             return
         self.record(trainer, step, values, seconds, seconds_key="val_seconds")
@@ -210,7 +210,7 @@ class ValidationAccumulation:
         if figure is not None and getattr(self, "figures", False):
             started = time.perf_counter()
             _add_figure(trainer, f"biasprobe/{self.log_name}/profile", figure, step)
-            self._probe_seconds += time.perf_counter() - started  # rendering counts in the budget
+            self.spend(time.perf_counter() - started)  # rendering counts in the budget
 
     def extra_state(self) -> dict:
         return {"val_pending": self._val_pending, "last_val_step": self._last_val_step}

@@ -275,13 +275,18 @@ class ProbeLogic:
         self._last_attempted_step = self._last_considered_step = step
         return True
 
+    def spend(self, seconds: float) -> None:
+        """Count ``seconds`` of this probe's work done outside :meth:`run_measurement` in its budget
+        (e.g. a copy taken in another hook)."""
+        self._probe_seconds += seconds
+
     def record(self, trainer: Any, step: int, values: Mapping[str, Union[float, Tensor]], seconds: float,
                seconds_key: str = "seconds") -> bool:
         """Log a point measured outside :meth:`run_measurement` at ``step``; ``seconds`` counts in the budget.
 
         Non-finite values are a failure (the failure policy applies). Returns whether it was logged.
         """
-        self._probe_seconds += seconds
+        self.spend(seconds)
         floats = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
         bad = sorted(k for k, v in floats.items() if not math.isfinite(v))
         if bad:

@@ -254,11 +254,10 @@ class WeightDiffusionLogic(ProbeLogic):
 
     def capture_reference(self, module: nn.Module) -> None:
         """Take the module's current trainable parameters as the reference (one copy)."""
-        names = [n for n, p in module.named_parameters() if p.requires_grad]
-        if not names:
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not trainable:
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameter to follow")
-        params = dict(module.named_parameters())
-        self._set_reference(names, [params[n] for n in names], self._device_for(module))
+        self._set_reference([n for n, _ in trainable], [p for _, p in trainable], self._device_for(module))
         self._points = []
 
     def _tracked(self, module: nn.Module) -> list[Tensor]:
@@ -338,7 +337,7 @@ class WeightDiffusionLogic(ProbeLogic):
         self._previous_params, self._previous_step = tensors, step
         # The copy is part of the point's cost: in the budget now, in its logged seconds later.
         self._copy_seconds = time.perf_counter() - started
-        self._probe_seconds += self._copy_seconds
+        self.spend(self._copy_seconds)
 
     def run_measurement(self, module: nn.Module, step: int) -> Optional[dict[str, float]]:
         copied = self._copy_seconds if self._previous_step == step else 0.0
