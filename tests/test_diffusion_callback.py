@@ -102,8 +102,8 @@ def test_ballistic_weights_give_exponent_one_and_constant_update(accumulate):
     assert values(probe, "weight_norm")[40] == pytest.approx(float(model.theta.detach().norm()), rel=1e-12)
 
 
-def test_random_walk_gives_one_half_on_the_default_log_spaced_cadence():
-    probe = WeightDiffusion()  # log-spaced steps (about 10 per decade), window of one decade
+def test_random_walk_gives_one_half_on_the_default_log_spaced_steps():
+    probe = WeightDiffusion(log_spaced=1.25)  # the default steps (about 10 per decade) without its budget
     walk(probe, 600, "random", dim=4096)
     steps = probe.measured_steps
     assert steps == [0, *log_spaced_steps(600, factor=1.25), 600] and len(steps) == 24
@@ -131,35 +131,170 @@ def test_previous_weights_are_copied_only_before_measured_steps(monkeypatch):
     is measured (or may end an epoch or the run), and freed afterwards."""
     probe = WeightDiffusion(every_n_steps=7)
     copies: list[int] = []
-    original = WeightDiffusion._copy
-
-    def spy(*args):
-        copies.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(WeightDiffusion, "_copy", staticmethod(spy))
+    original = WeightDiffusion.copy_before_step
+    monkeypatch.setattr(WeightDiffusion, "copy_before_step", lambda self, m, step: copies.append(step)
+                        or original(self, m, step))
     walk(probe, 30, "ballistic", u=torch.full((16,), 0.1, dtype=torch.float64))
     assert probe.measured_steps == [0, 7, 14, 21, 28, 30]
-    assert len(copies) == 1 + 5  # the reference; before steps 7, 14, 21, 28 and 30 (the end)
+    assert copies == [7, 14, 21, 28, 30]  # the end too
     assert probe._previous is None
     assert all(v == pytest.approx(0.4, rel=1e-9) for s, v in values(probe, "update_size").items() if s > 0)
 
 
-@pytest.mark.parametrize("kwargs, measured, copied", [
-    (dict(every_n_steps=100), [0, 30], 1),  # only the end: epoch ends before the last are not copied for
-    (dict(every_n_epochs=1), [0, 10, 20, 30], 3),
+@pytest.mark.parametrize("kwargs, measured", [
+    (dict(every_n_steps=100), [0, 30]),  # only the end: epoch ends before the last are not copied for
+    (dict(every_n_epochs=1), [0, 10, 20, 30]),
 ])
-def test_epoch_ends_are_copied_only_when_measured(monkeypatch, kwargs, measured, copied):
+def test_epoch_ends_are_copied_only_when_measured(monkeypatch, kwargs, measured):
     probe = WeightDiffusion(**kwargs)
     copies: list[int] = []
-    original = WeightDiffusion._copy
-    monkeypatch.setattr(WeightDiffusion, "_copy", staticmethod(lambda *a: copies.append(1) or original(*a)))
+    original = WeightDiffusion.copy_before_step
+    monkeypatch.setattr(WeightDiffusion, "copy_before_step", lambda self, m, step: copies.append(step)
+                        or original(self, m, step))
     u = torch.full((16,), 0.1, dtype=torch.float64)
     data = DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=1)
     trainer([probe], max_epochs=3).fit(Walker(16, "ballistic", u), data)
-    assert probe.measured_steps == measured and len(copies) == 1 + copied
+    assert probe.measured_steps == measured and copies == measured[1:]
     assert sorted(values(probe, "update_size")) == measured
     assert all(v == pytest.approx(0.4, rel=1e-9) for s, v in values(probe, "update_size").items() if s > 0)
+
+
+def spy_copies(monkeypatch) -> list[int]:
+    copies: list[int] = []
+    original = WeightDiffusion.copy_before_step
+    monkeypatch.setattr(WeightDiffusion, "copy_before_step", lambda self, m, step: copies.append(step)
+                        or original(self, m, step))
+    return copies
+
+
+def test_the_default_cadence_is_log_spaced_within_half_a_percent():
+    cadence = WeightDiffusion().cadence
+    assert (cadence.log_spaced, cadence.max_overhead, cadence.at_start, cadence.at_end) == (1.25, 0.005, True, True)
+    assert WeightDiffusion(log_spaced=1.25).cadence.max_overhead is None  # an explicit schedule is kept exactly
+
+
+def test_over_the_budget_neither_the_point_nor_its_copy_is_made(monkeypatch):
+    """A scheduled point over the budget is declined before its step: no pre-step copy is taken for it;
+    the forced first and last points are made, the last with its update."""
+    copies = spy_copies(monkeypatch)
+    probe = WeightDiffusion(log_spaced=1.25, max_overhead=1e-12)  # after the first point: always over
+    u = torch.full((16,), 0.1, dtype=torch.float64)
+    walk(probe, 60, "ballistic", u=u)
+    scheduled = log_spaced_steps(59, factor=1.25)
+    assert probe.measured_steps == [0, 60] and copies == [60]
+    assert probe.skipped_for_budget == len(scheduled) == 12
+    assert values(probe, "update_size")[60] == pytest.approx(0.4, rel=1e-9)
+
+
+def test_within_a_budget_every_point_made_has_its_update(monkeypatch):
+    """Whatever the timing, a copy is taken exactly for the points then made (a copied step is measured
+    even if the budget ran out meanwhile), and the budget counts the points' logging too."""
+    copies = spy_copies(monkeypatch)
+    probe = WeightDiffusion(log_spaced=1.25, max_overhead=0.05)
+    walk(probe, 300, "ballistic", u=torch.full((16,), 0.1, dtype=torch.float64))
+    steps, scheduled = probe.measured_steps, log_spaced_steps(300, factor=1.25)
+    assert steps[0] == 0 and steps[-1] == 300 and set(steps[1:-1]) <= set(scheduled)
+    assert copies == steps[1:] and sorted(values(probe, "update_size")) == steps
+    assert probe.skipped_for_budget == len(scheduled) - len(steps[1:-1])
+    logged = sum(m["biasprobe/diffusion/seconds"] for _, m in probe.history)
+    assert probe._probe_seconds > logged  # measurements and copies (logged) plus the logging
+
+
+class TwoOptimizerWalker(pl.LightningModule):
+    """Manual optimization, two optimizers a batch, each moving its own parameter by a constant: the
+    global step advances by two per batch."""
+
+    def __init__(self, u1: torch.Tensor, u2: torch.Tensor):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = nn.Parameter(torch.zeros(16, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(16, dtype=torch.float64))
+        self.u1, self.u2 = u1, u2
+
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return [Drift([self.a], "ballistic", self.u1), Drift([self.b], "ballistic", self.u2)]
+
+
+class StepReads(pl.Callback):
+    """Compares the probe's step reader with ``trainer.global_step`` at every batch and optimizer step."""
+
+    def __init__(self, probe) -> None:
+        self.probe, self.reads, self.fast = probe, 0, 0
+
+    def _check(self, trainer) -> None:
+        assert self.probe._global_step.read(trainer) == trainer.global_step
+        self.reads += 1
+        self.fast += self.probe._global_step.counter is not None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._check(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._check(trainer)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_the_step_reader_agrees_with_the_trainer(accumulate):
+    probe = WeightDiffusion(every_n_steps=4)
+    reads = StepReads(probe)
+    data = DataLoader(TensorDataset(torch.zeros(30 * accumulate, 1)), batch_size=1)
+    u = torch.full((16,), 0.1, dtype=torch.float64)
+    trainer([probe, reads], max_epochs=2, accumulate_grad_batches=accumulate).fit(Walker(16, "ballistic", u), data)
+    assert reads.reads > 60 and reads.fast == reads.reads  # Lightning's counter was found and kept
+    assert probe.measured_steps == [0, *range(4, 61, 4)]
+    assert sorted(values(probe, "update_size")) == probe.measured_steps
+
+
+def test_two_optimizers_a_batch_copy_before_the_step_that_ends_at_the_point(monkeypatch):
+    copies = spy_copies(monkeypatch)
+    u1, u2 = torch.full((16,), 0.1, dtype=torch.float64), torch.full((16,), 0.3, dtype=torch.float64)
+    probe = WeightDiffusion(every_n_steps=4)
+    reads = StepReads(probe)
+    data = DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=1)
+    trainer([probe, reads], max_epochs=1).fit(TwoOptimizerWalker(u1, u2), data)
+    # Either step of the last batch may end the run: both are copied, the later one is measured.
+    assert probe.measured_steps == [0, 4, 8, 12, 16, 20] and copies == [4, 8, 12, 16, 19, 20]
+    assert reads.fast == reads.reads
+    # The update at a point is its last optimizer step: the second optimizer's, |u2| = 0.3 * 4.
+    assert all(v == pytest.approx(1.2, rel=1e-9) for s, v in values(probe, "update_size").items() if s > 0)
+    assert values(probe, "distance")[20] == pytest.approx(10 * math.hypot(0.4, 1.2), rel=1e-12)
+
+
+def test_the_step_reader_falls_back_to_the_property():
+    from types import SimpleNamespace
+
+    from lightning_biasprobe.callbacks.base import _GlobalStep
+
+    assert _GlobalStep(SimpleNamespace(global_step=7)).counter is None  # not a Lightning trainer
+    counter = SimpleNamespace(completed=3)
+    loop = SimpleNamespace(automatic_optimization=SimpleNamespace(optim_progress=SimpleNamespace(
+        optimizer=SimpleNamespace(step=SimpleNamespace(total=counter)))))
+    fake = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop), global_step=3,
+                           lightning_module=SimpleNamespace(automatic_optimization=True))
+    reader = _GlobalStep(fake)
+    assert reader.counter is counter and reader.read(fake) == 3
+    counter.completed, fake.global_step = 9, 5  # the counter stops agreeing: caught within 64 reads
+    assert {reader.read(fake) for _ in range(64)} >= {5} and reader.counter is None
+    assert reader.read(fake) == 5
+    assert _GlobalStep(SimpleNamespace(**{**vars(fake), "global_step": 4})).counter is None
+
+
+def test_replaced_or_reshaped_parameters_are_read_again():
+    """The parameters are looked up by owner and name after the first time: a replaced parameter is
+    followed, a reshaped one is reported."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    probe = WeightDiffusion()
+    probe.capture_reference(model)
+    assert probe.run_measurement(model, 1)["distance"] == 0.0
+    model[0].weight = nn.Parameter(model[0].weight.detach() + 1)
+    assert probe.run_measurement(model, 2)["distance"] == pytest.approx(math.sqrt(6), rel=1e-7)
+    model[0].weight = nn.Parameter(torch.zeros(4, 3))
+    with pytest.warns(RuntimeWarning, match="shape"):
+        assert probe.run_measurement(model, 3) is None
 
 
 def test_buffers_and_frozen_parameters_are_not_followed():
@@ -262,8 +397,9 @@ class _Mixed(nn.Module):
         self.params = nn.ParameterList(nn.Parameter(torch.randn(s, generator=g).to(d)) for s, d in zip(shapes, dtypes))
 
 
+@pytest.mark.parametrize("resident", [True, False])  # working buffers kept between points, or made at each
 @pytest.mark.parametrize("group", [1, 50, 10**9])  # one tensor per group, several, all of a dtype in one
-def test_flat_groups_give_the_exact_float64_sums(monkeypatch, group):
+def test_flat_groups_give_the_exact_float64_sums(monkeypatch, group, resident):
     """Distance, update and norm over flat same-dtype groups of bounded size equal a float64 per-tensor
     computation: the norm to 1e-8 (float32 sums of 256 squares added in float64; one float32 reduction
     was 1e-5 off), the differences to 1e-7 (a float32 difference of two weights is rounded once, relative
@@ -271,10 +407,13 @@ def test_flat_groups_give_the_exact_float64_sums(monkeypatch, group):
     from lightning_biasprobe.callbacks import diffusion
 
     monkeypatch.setattr(diffusion, "_GROUP_ELEMENTS", group)
+    if not resident:
+        monkeypatch.setattr(diffusion, "_RESIDENT_ELEMENTS", 0)
     g = torch.Generator().manual_seed(0)
     model = _Mixed(g)
     probe = WeightDiffusion()
     probe.capture_reference(model)
+    assert (probe._resident is not None) == resident
     assert len(probe._reference) == len(diffusion._groups(list(model.parameters())))
     assert len(probe._reference) >= (6 if group == 1 else 5)  # dtype changes split groups too
     start = [p.detach().double().clone() for p in model.parameters()]

@@ -96,6 +96,20 @@ def test_log_spaced_takes_a_growth_factor(factor):
         expected + [s for s in shuffled[:500] if s in expected])
 
 
+@pytest.mark.parametrize("kwargs", [dict(log_spaced=True), dict(log_spaced=1.25), dict(every_n_steps=7),
+                                    dict(every_n_steps=10, log_spaced=1.5), dict(every_n_epochs=1)])
+def test_next_due_step_is_the_first_due_step_after(kwargs):
+    """The base asks ``due_at_step`` only from the step ``next_due_step`` names: it must be the first due one."""
+    cadence = Cadence(**kwargs)
+    due = [s for s in range(0, 3_000) if Cadence(**kwargs).due_at_step(s)]
+    for step in [-1, 0, 1, 4, 5, 6, 99, 100, 101, 1_234, 2_000]:
+        following = cadence.next_due_step(step)
+        expected = next((s for s in due if s > step), None)
+        assert following == expected or (expected is None and following is not None and following >= 3_000), step
+    if "every_n_epochs" in kwargs:
+        assert cadence.next_due_step(5) is None
+
+
 def test_every_n_steps_epochs_and_budget():
     cadence = Cadence(every_n_steps=3, every_n_epochs=2, max_overhead=0.1)
     assert [s for s in range(0, 10) if cadence.due_at_step(s)] == [3, 6, 9]

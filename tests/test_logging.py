@@ -4,6 +4,7 @@ import csv
 import glob
 import math
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -118,3 +119,62 @@ def test_loggers_with_a_prefix_or_their_own_log_metrics_keep_log_metrics(tmp_pat
     events = EventAccumulator(prefixed.log_dir)
     events.Reload()
     assert [e.step for e in events.Scalars("run-biasprobe/gc/logits")] == gc.measured_steps
+
+
+# --------------------------------------------------------------------------------------- held events
+def _scalar_steps(log_dir) -> list[int]:
+    return [e.step for e in _events(log_dir) if e.summary.value[0].tag.startswith("biasprobe/")]
+
+
+def test_held_events_reach_the_writer_in_order_with_their_own_wall_time(tmp_path, monkeypatch):
+    """Lightning's TensorBoardLogger gets a point's event held: handed over when HOLD_EVENTS are held,
+    when the oldest is HOLD_SECONDS old, or on release(); in logging order, stamped when logged."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_biasprobe.callbacks import _tensorboard
+
+    writer = SummaryWriter(str(tmp_path / "held"))
+    write = _tensorboard.summary_writer_scalars(writer, hold=True)
+    before = time.time()
+    for step in range(3):
+        write({"biasprobe/x/a": float(step)}, step)
+    writer.flush()
+    assert _scalar_steps(tmp_path / "held") == [] and len(_tensorboard._held) == 3
+    _tensorboard.release_if_due()  # not old enough yet
+    assert len(_tensorboard._held) == 3
+    monkeypatch.setattr(_tensorboard, "HOLD_SECONDS", 0.0)
+    _tensorboard.release_if_due()
+    writer.flush()
+    assert _scalar_steps(tmp_path / "held") == [0, 1, 2] and _tensorboard._held == []
+    monkeypatch.setattr(_tensorboard, "HOLD_SECONDS", 1e9)
+    for step in range(3, 3 + _tensorboard.HOLD_EVENTS):  # the HOLD_EVENTS-th hands them all over
+        write({"biasprobe/x/a": float(step)}, step)
+    writer.flush()
+    assert _scalar_steps(tmp_path / "held") == list(range(3 + _tensorboard.HOLD_EVENTS))
+    assert all(e.wall_time < before + 60 for e in _events(tmp_path / "held"))
+    write({"biasprobe/x/a": 1.0}, 99)
+    _tensorboard.release()
+    writer.close()
+    assert _scalar_steps(tmp_path / "held")[-1] == 99 and _tensorboard._held == []
+
+
+class _Fails(BNDropoutNet):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 9:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_held_events_are_written_when_training_fails(tmp_path):
+    """An exception ends the fit: the points made before it are handed over before Lightning closes
+    the logger (on_exception)."""
+    from lightning_biasprobe.callbacks import _tensorboard
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    gc = GeometricComplexity(every_n_steps=2, num_samples=32)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer([gc], max_epochs=3, logger=tb).fit(_Fails(), loader(blobs()))
+    assert gc.measured_steps == [0, 2, 4, 6, 8] and _tensorboard._held == []
+    assert _scalar_steps(tb.log_dir) == gc.measured_steps

@@ -88,6 +88,16 @@ class Cadence:
             self._log_window = (step, high)
         return step == high
 
+    def next_due_step(self, step: int) -> Optional[int]:
+        """The first global step after ``step`` at which :meth:`due_at_step` is true (None: none is;
+        epoch ends are not steps)."""
+        candidates = []
+        if self.every_n_steps is not None:
+            candidates.append((max(step, 0) // self.every_n_steps + 1) * self.every_n_steps)
+        if self.log_spaced is not False:
+            candidates.append(_next_log_step(max(step + 1, 1), factor=self.log_factor))
+        return min(candidates) if candidates else None
+
     @property
     def log_factor(self) -> float:
         """The growth factor of the log-spaced steps (1.15 for ``log_spaced=True``)."""

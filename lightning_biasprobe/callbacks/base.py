@@ -28,6 +28,7 @@ from ._data import BatchCollector, ProbeSet, UnpackFn, default_unpack, from_tens
     read_loader, read_map_dataset
 from ._guard import isolated
 from ._schedule import Cadence
+from . import _tensorboard
 from ._tensorboard import scalar_writer
 
 ProbeData = Union[None, str, Tensor, tuple, list, dict, Iterable]
@@ -43,6 +44,58 @@ def module_device(module: nn.Module) -> torch.device:
         return tensor.device
     device = getattr(module, "device", None)
     return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _callback_metrics(trainer: Any) -> Any:
+    """``trainer.callback_metrics``, the dictionary monitors read.
+
+    Lightning's property first gathers the step's own logged values into it (~20 us inside a fit);
+    the dictionary itself is updated in place, so it is taken directly where it can be.
+    """
+    metrics = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return metrics if isinstance(metrics, dict) else getattr(trainer, "callback_metrics", None)
+
+
+class _GlobalStep:
+    """``trainer.global_step`` read where probes read it at every batch and optimizer step.
+
+    Lightning's property walks five objects and two properties (~1 us inside a fit, about what an
+    idle probe costs otherwise); this reads the optimizer-step counter behind it directly. It checks
+    the counter against the property every 64 reads (and the base at every measurement) and on any
+    disagreement falls back to the property for good; without a Lightning trainer it is the property.
+    """
+
+    __slots__ = ("counter", "reads")
+
+    def __init__(self, trainer: Any = None) -> None:
+        self.counter = None
+        self.reads = 0
+        try:
+            loop = trainer.fit_loop.epoch_loop
+            if trainer.lightning_module.automatic_optimization:
+                counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+            else:
+                counter = loop.manual_optimization.optim_step_progress.total
+            if isinstance(counter.completed, int) and counter.completed == trainer.global_step:
+                self.counter = counter
+        except Exception:  # noqa: BLE001 - not a Lightning trainer, or another Lightning: the property
+            pass
+
+    def read(self, trainer: Any) -> int:
+        counter = self.counter
+        if counter is None:
+            return trainer.global_step
+        self.reads += 1
+        if self.reads & 63:
+            return counter.completed
+        step = trainer.global_step
+        self.check(step)
+        return step
+
+    def check(self, step: int) -> None:
+        """Compare with ``step`` read from the property; fall back to the property if they differ."""
+        if self.counter is not None and self.counter.completed != step:
+            self.counter = None
 
 
 class ProbeSkipped(RuntimeError):
@@ -157,6 +210,8 @@ class ProbeLogic:
         self._restored: Optional[dict] = None
         self._last_considered_step = -1
         self._last_attempted_step = -1
+        self._next_due_step: Union[int, float] = 0  # no step below it is due (see on_train_batch_end)
+        self._global_step = _GlobalStep()
         self.current_step = -1  # the global step of the measurement in progress
         self._train_seconds = 0.0
         self._probe_seconds = 0.0
@@ -325,6 +380,8 @@ class ProbeLogic:
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._next_due_step = 0
+        self._global_step = _GlobalStep(trainer)
         if not trainer.is_global_zero:
             return
         if self._probe is None and self.needs_probe_set:
@@ -346,9 +403,15 @@ class ProbeLogic:
         if self._batch_t0 is not None:
             self._train_seconds += time.perf_counter() - self._batch_t0
             self._batch_t0 = None
-        step = trainer.global_step
-        if step != self._last_considered_step and self.cadence.due_at_step(step):
-            self._maybe_measure(trainer, pl_module)
+        step = self._global_step.read(trainer)
+        # Asked at every step: below the next step the cadence can be due at, one comparison.
+        if step >= self._next_due_step:
+            following = self.cadence.next_due_step(step)
+            self._next_due_step = math.inf if following is None else following
+            if step != self._last_considered_step and self.cadence.due_at_step(step):
+                self._maybe_measure(trainer, pl_module)
+        if _tensorboard._held and not step & 63:  # the age of held TensorBoard events, every 64 steps
+            _tensorboard.release_if_due()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.cadence.due_at_epoch_end(trainer.current_epoch):
@@ -357,6 +420,13 @@ class ProbeLogic:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.cadence.at_end:
             self._maybe_measure(trainer, pl_module, force=True)
+        _tensorboard.release()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        _tensorboard.release()  # before Lightning closes the loggers
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        _tensorboard.release()
 
     # ----------------------------------------------------------------- plumbing
     def _capture(self, trainer: Any, pl_module: Any) -> None:
@@ -408,6 +478,7 @@ class ProbeLogic:
 
     def _maybe_measure(self, trainer: Any, pl_module: Any, force: bool = False) -> None:
         step = trainer.global_step
+        self._global_step.check(step)
         self._last_considered_step = step
         if not trainer.is_global_zero or step == self._last_attempted_step:
             return
@@ -419,7 +490,9 @@ class ProbeLogic:
             return
         values = self.run_measurement(pl_module, step)
         if values is not None:
+            started = time.perf_counter()
             self.log_values(trainer, step, values)
+            self.spend(time.perf_counter() - started)  # a point's logging is part of its cost
 
     def log_values(self, trainer: Any, step: int, values: Mapping[str, float]) -> None:
         """Write ``{quantity: value}`` to every logger at ``step`` and keep them as the latest values."""
@@ -439,7 +512,7 @@ class ProbeLogic:
         self.last_values = metrics
         self.history.append((step, metrics))
         self.measured_steps.append(step)
-        callback_metrics = getattr(trainer, "callback_metrics", None)
+        callback_metrics = _callback_metrics(trainer)
         if isinstance(callback_metrics, dict):
             # Monitors (EarlyStopping, ModelCheckpoint) read 0-d tensors: views of one float64 tensor
             # (one allocation per point, not one per quantity).

@@ -22,6 +22,12 @@ _FIT_SPACING = 10.0 ** (1.0 / FIT_POINTS_PER_DECADE)
 _GROUP_ELEMENTS = 1 << 22  # 4M entries per flat buffer: the measurement's scratch stays <= 48 MiB
 _BLOCK = 256  # entries per partial sum of squares (see _sums_of_squares)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A model with at most this many trainable entries keeps its measurement's working buffer (3 rows,
+# <= 12 MiB in float32) between points; a larger one allocates it per point and frees it.
+_RESIDENT_ELEMENTS = 1 << 20
+
+# What the step about to be taken ends at (see _copy_due).
+_NOT_MEASURED, _SCHEDULED, _FORCED = 0, 1, 2
 
 
 def _groups(tensors: list[Tensor]) -> list[tuple[int, int]]:
@@ -69,27 +75,46 @@ def _flat_copy(tensors: list[Tensor], device: torch.device) -> Tensor:
     return _flatten_into(out, tensors)
 
 
-def _sums_of_squares(current: list[Tensor], reference: Tensor, previous: Optional[Tensor] = None) -> list[float]:
-    """``[Σ x², Σ (x - r)², Σ (x - p)²]`` for the entries ``x`` of ``current`` and the flat, padded ``r``
-    and ``p`` (the last only with ``previous``).
+def _shaped_views(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    """Views of the 1-D ``flat`` laid out as consecutive tensors of ``shapes``."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [piece.view(shape) for piece, shape in zip(flat[:sum(sizes)].split(sizes), shapes)]
 
-    A few kernels whatever the number of tensors: the entries, both differences and all three sums
-    of squares go through one scratch buffer. Each block of 256 squares is summed in the weights'
-    dtype, the blocks' sums in float64: relative error ~1e-7 for float32 weights even when every
-    rounding points the same way (tested), where a single float32 reduction was off by 1e-5 at 26k
-    entries and 1e-3 at 1M (and a float64 copy of the weights cost four times as much). Differences are taken in the weights' dtype (exact unless
-    the two differ by more than a factor 2, then rounded once); half precision in float32, where the
-    difference of two of them is exact.
+
+def _norms(blocks: Tensor) -> Tensor:
+    """Float64 ``[‖row‖]`` of ``blocks`` (rows, blocks, 256): the rows of a padded buffer.
+
+    Each block of 256 squares is summed in the weights' dtype, the blocks' sums in float64:
+    relative error ~1e-7 for float32 weights even when every rounding points the same way (tested),
+    where a single float32 reduction was off by 1e-5 at 26k entries and 1e-3 at 1M (and a float64
+    copy of the weights cost four times as much).
     """
-    rows = 2 if previous is None else 3
-    dtype = torch.float32 if reference.dtype in _LOW_PRECISION else reference.dtype
-    scratch = torch.empty(rows, reference.numel(), dtype=dtype, device=reference.device)
-    x = _flatten_into(scratch[0], current)
-    torch.sub(x, reference, out=scratch[1])
-    if previous is not None:
-        torch.sub(x, previous, out=scratch[2])
-    blocks = torch.linalg.vector_norm(scratch.view(rows, -1, _BLOCK), dim=2)
-    return torch.linalg.vector_norm(blocks, dim=1, dtype=torch.float64).square().tolist()
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(blocks, dim=2), dim=1, dtype=torch.float64)
+
+
+class _Resident:
+    """The working buffer of one group, kept between measurements (small models only).
+
+    Rows: 0 the weights at the measurement, 1 their difference from the reference, 2 the pre-step
+    copy and then the update. The views let one ``_foreach_copy_`` fill a row from the parameters,
+    and the zero padding is written once. Allocating the buffer at every point (fresh pages) cost
+    more than the arithmetic on a small model.
+    """
+
+    __slots__ = ("scratch", "rows", "blocks", "current", "previous")
+
+    def __init__(self, shapes: list[torch.Size], length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.scratch = torch.zeros(3, length, dtype=dtype, device=device)
+        # Views made once: on a small model each view made per point costs as much as a kernel.
+        self.rows = self.scratch.unbind()
+        self.blocks = {k: self.scratch[:k].view(k, -1, _BLOCK) for k in (2, 3)}
+        self.current = _shaped_views(self.rows[0], shapes)
+        self.previous = _shaped_views(self.rows[2], shapes)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision is widened: the difference of two of them is exact in float32.
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 class WeightDiffusionLogic(ProbeLogic):
@@ -165,7 +190,7 @@ class WeightDiffusionLogic(ProbeLogic):
     """
 
     name = "diffusion"
-    default_cadence = {"log_spaced": 1.25}
+    default_cadence = {"log_spaced": 1.25, "max_overhead": 0.005}
     needs_probe_set = False
     isolate = False  # reads weights only, under no_grad
 
@@ -204,13 +229,24 @@ class WeightDiffusionLogic(ProbeLogic):
         self._shapes: list[torch.Size] = []
         self._ranges: Optional[list[tuple[int, int]]] = None  # parameter groups, one flat buffer each
         self._reference: Optional[list[Tensor]] = None  # flat, one per group
-        self._points: list[tuple[float, float]] = []  # (t, distance) inside the fit window
-        self._previous: Optional[list[Tensor]] = None  # flat copies taken before a measured step
+        # (t, distance, log t, log distance) inside the fit window: logarithms taken once per point
+        self._points: list[tuple[float, float, float, float]] = []
+        self._resident: Optional[list[_Resident]] = None  # working buffers kept between points (small models)
+        # Weights before a measured step, per group: a flat copy, or None where the group's resident
+        # buffer holds them.
+        self._previous: Optional[list[Optional[Tensor]]] = None
         self._previous_params: Optional[list[Tensor]] = None
         self._previous_step = -1
         self._copy_seconds = 0.0
+        self._owners: Optional[list[tuple[nn.Module, str]]] = None  # (submodule, attribute) per tracked name
+        self._owners_of: Optional[nn.Module] = None
         self._global_zero = True
         self._limits = (-1, -1)  # the trainer's max_steps and max_epochs (-1: none)
+        # Asked before every optimizer step: the next step a copy may be due at (the cadence's next
+        # step or max_steps), and whether this epoch's end is measured.
+        self._next_copy = 0
+        self._epoch_end_copy = True
+        self._declined_step = -1
         self.current_step = 0
         self._warned_no_reference = False
 
@@ -224,10 +260,7 @@ class WeightDiffusionLogic(ProbeLogic):
             return None
         tensors: list[Tensor] = []
         for flat, (start, stop) in zip(self._reference, self._ranges):
-            shapes = self._shapes[start:stop]
-            sizes = [math.prod(shape) for shape in shapes]
-            pieces = flat[:sum(sizes)].split(sizes)
-            tensors += [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+            tensors += _shaped_views(flat, self._shapes[start:stop])
         return dict(zip(self._names, tensors))
 
     # ----------------------------------------------------------------- weights
@@ -251,6 +284,15 @@ class WeightDiffusionLogic(ProbeLogic):
         self._shapes = [t.shape for t in tensors]
         self._ranges = _groups(tensors)
         self._reference = self._copy(tensors, self._ranges, device)
+        self._make_resident()
+        self._owners = self._owners_of = None
+
+    def _make_resident(self) -> None:
+        """Working buffers beside the reference, kept between points, if the model is small."""
+        self._resident = None
+        if sum(r.numel() for r in self._reference) <= _RESIDENT_ELEMENTS:
+            self._resident = [_Resident(self._shapes[a:b], r.numel(), _work_dtype(r.dtype), r.device)
+                              for r, (a, b) in zip(self._reference, self._ranges)]
 
     def capture_reference(self, module: nn.Module) -> None:
         """Take the module's current trainable parameters as the reference (one copy)."""
@@ -261,6 +303,14 @@ class WeightDiffusionLogic(ProbeLogic):
         self._points = []
 
     def _tracked(self, module: nn.Module) -> list[Tensor]:
+        """The module's parameters that the reference follows, in its order (checked by name and shape)."""
+        if self._owners_of is module:  # a dictionary lookup per parameter, not a walk of the module tree
+            tensors = [owner._parameters.get(attr) for owner, attr in self._owners]
+            for t, shape in zip(tensors, self._shapes):
+                if t is None or t.shape != shape:
+                    break
+            else:
+                return tensors
         params = dict(module.named_parameters())
         missing = [n for n in self._names if n not in params]
         if missing:
@@ -270,6 +320,11 @@ class WeightDiffusionLogic(ProbeLogic):
         for name, p, shape in zip(self._names, tensors, self._shapes):
             if p.shape != shape:
                 raise ProbeSkipped(f"parameter {name} has shape {tuple(p.shape)}, the reference {tuple(shape)}")
+        owners = []
+        for name in self._names:
+            path, _, attr = name.rpartition(".")
+            owners.append((module.get_submodule(path), attr))
+        self._owners, self._owners_of = owners, module
         return tensors
 
     # ----------------------------------------------------------------- hooks
@@ -277,6 +332,8 @@ class WeightDiffusionLogic(ProbeLogic):
         # Fixed for the fit, read at every step: kept here rather than asked of the trainer each time.
         self._global_zero = bool(trainer.is_global_zero)
         self._limits = (getattr(trainer, "max_steps", -1) or -1, getattr(trainer, "max_epochs", -1) or -1)
+        self._next_copy = 0  # the first step asks _copy_due, which sets the next
+        self._epoch_end_copy = True
         if not trainer.is_global_zero:
             self._reference = None  # only rank zero measures: no copy on the others
         elif self._reference is None:
@@ -291,32 +348,50 @@ class WeightDiffusionLogic(ProbeLogic):
                     f"or pass reference_step >= {trainer.global_step}.", RuntimeWarning, stacklevel=2)
         super().on_train_start(trainer, pl_module)
 
-    def _copy_due(self, trainer: Any, upcoming: int) -> bool:
-        """Whether the step about to be taken ends at a point that will be measured.
-
-        Asked before every optimizer step: the usual answer (no) costs a few attribute reads.
-        """
+    def _copy_due(self, trainer: Any, upcoming: int) -> int:
+        """What the step about to be taken ends at: ``_NOT_MEASURED``, a ``_SCHEDULED`` point (the
+        budget may skip it) or the end of training (``_FORCED``: the ``at_end`` point)."""
         if upcoming < self.reference_step or (self._reference is None and upcoming > self.reference_step):
-            return False
+            return _NOT_MEASURED
         cadence = self.cadence
-        if cadence.due_at_step(upcoming):
-            return True
         max_steps, max_epochs = self._limits
         if cadence.at_end and 0 < max_steps <= upcoming:
-            return True
+            return _FORCED
         final_epoch = cadence.at_end and 0 < max_epochs <= trainer.current_epoch + 1
-        if cadence.every_n_epochs is None and not final_epoch:
-            return False  # no epoch end measured in this epoch
-        return bool(getattr(trainer, "is_last_batch", False)) and (
-            final_epoch or cadence.due_at_epoch_end(trainer.current_epoch))
+        last_batch = (final_epoch or cadence.every_n_epochs is not None) and bool(getattr(trainer, "is_last_batch", False))
+        if last_batch and final_epoch:
+            return _FORCED
+        if cadence.due_at_step(upcoming) or (last_batch and cadence.due_at_epoch_end(trainer.current_epoch)):
+            return _SCHEDULED
+        return _NOT_MEASURED
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        cadence, max_epochs = self.cadence, self._limits[1]
+        final_epoch = cadence.at_end and 0 < max_epochs <= trainer.current_epoch + 1
+        self._epoch_end_copy = final_epoch or cadence.due_at_epoch_end(trainer.current_epoch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._previous is not None:  # a copy nobody measured (the run did not end where foreseen)
             self._previous, self._previous_step, self._previous_params = None, -1, None
-        if self._global_zero:
-            upcoming = trainer.global_step + 1
-            if self._copy_due(trainer, upcoming):
-                self.copy_before_step(pl_module, upcoming)
+        if not self._global_zero:
+            return
+        upcoming = self._global_step.read(trainer) + 1
+        # The usual answer at a step (no copy) is one comparison; the full check runs at the steps it
+        # may be yes, and says where to look next.
+        if upcoming < self._next_copy and not (self._epoch_end_copy and trainer.is_last_batch):
+            return
+        due = self._copy_due(trainer, upcoming)
+        if due == _FORCED or (due == _SCHEDULED and self.cadence.within_budget(self._probe_seconds,
+                                                                               self._train_seconds)):
+            self.copy_before_step(pl_module, upcoming)
+        elif due == _SCHEDULED:
+            self._declined_step = upcoming  # over the budget: neither the copy nor the point
+        if upcoming >= self._next_copy:
+            following = self.cadence.next_due_step(upcoming)
+            max_steps = self._limits[0]
+            if max_steps > upcoming and (following is None or following > max_steps):
+                following = max_steps
+            self._next_copy = following if following is not None else math.inf
 
     def copy_before_step(self, module: nn.Module, step: int) -> None:
         """Copy the weights before the optimizer step that ends at global step ``step``, for the update
@@ -324,14 +399,19 @@ class WeightDiffusionLogic(ProbeLogic):
         started = time.perf_counter()
         if self._reference is None:  # the step that ends at the reference point
             tensors = [p for p in module.parameters() if p.requires_grad]
-            ranges = _groups(tensors)
+            self._previous = self._copy(tensors, _groups(tensors), self._device_for(module))
         else:
             try:
                 tensors = self._tracked(module)
             except ProbeSkipped:
                 return  # the measurement reports it
-            ranges = self._ranges
-        self._previous = self._copy(tensors, ranges, self._device_for(module))
+            if self._resident is not None and tensors[0].device == self._resident[0].scratch.device:
+                with torch.no_grad():
+                    for resident, (a, b) in zip(self._resident, self._ranges):
+                        torch._foreach_copy_(resident.previous, tensors[a:b])
+                self._previous = [None] * len(self._ranges)
+            else:
+                self._previous = self._copy(tensors, self._ranges, self._device_for(module))
         # The optimizer updates these tensors in place: the measurement after the step reads them
         # without looking the parameters up again.
         self._previous_params, self._previous_step = tensors, step
@@ -354,6 +434,16 @@ class WeightDiffusionLogic(ProbeLogic):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         self._previous, self._previous_step, self._previous_params = None, -1, None
+        self._owners = self._owners_of = None  # no reference to the model after the fit
+
+    def claim_step(self, step: int, force: bool = False) -> bool:
+        if step == self._previous_step:
+            force = True  # the weights before this step were copied for it: measured whatever the budget says now
+        elif step == self._declined_step and not force:
+            self._declined_step = -1
+            self.skipped_for_budget += 1
+            return False
+        return super().claim_step(step, force)
 
     def should_measure(self, trainer: Any, pl_module: Any) -> bool:
         # Nothing to measure against: before the reference step, or (warned at train start) a run that
@@ -368,28 +458,55 @@ class WeightDiffusionLogic(ProbeLogic):
         device = self._device_for(module)
         if self._reference[0].device != device:  # restored from a checkpoint onto another device
             self._reference = [r.to(device) for r in self._reference]
+            self._make_resident()
         previous = self._previous if self._previous_step == self.current_step else None
         params = self._previous_params if previous is not None else self._tracked(module)
         self._previous, self._previous_step, self._previous_params = None, -1, None  # used once
-        norm2 = dist2 = upd2 = 0.0
         with torch.no_grad():
-            for i, (start, stop) in enumerate(self._ranges):
-                sums = _sums_of_squares(params[start:stop], self._reference[i],
-                                        None if previous is None else previous[i])
-                norm2, dist2 = norm2 + sums[0], dist2 + sums[1]
-                if previous is not None:
-                    upd2 += sums[2]
-        distance, weight_norm = math.sqrt(dist2), math.sqrt(norm2)
+            norms = self._norms(params, previous).tolist()
+        weight_norm, distance = norms[0], norms[1]
         if not (math.isfinite(distance) and math.isfinite(weight_norm)):
             raise FloatingPointError("the weights are not finite")
         t = float(self.current_step - self.reference_step)
         values = {"distance": distance, "weight_norm": weight_norm}
         if previous is not None:
-            values["update_size"] = math.sqrt(upd2)
+            values["update_size"] = norms[2]
         elif self.current_step == 0:
             values["update_size"] = 0.0  # before the first optimizer step
         values.update(self._fit(t, distance))
         return values
+
+    def _norms(self, params: list[Tensor], previous: Optional[list[Optional[Tensor]]]) -> Tensor:
+        """Float64 ``[‖θ‖, ‖θ - θ_ref‖]`` and, with ``previous``, ``‖θ - θ_prev‖``, over all groups.
+
+        A few kernels per group whatever its number of tensors: the weights, both differences and
+        the three sums of squares go through one working buffer. Differences are taken in the
+        weights' dtype (exact unless the two differ by more than a factor 2, then rounded once).
+        """
+        k = 2 if previous is None else 3
+        norms: list[Tensor] = []
+        for i, (start, stop) in enumerate(self._ranges):
+            tensors, reference = params[start:stop], self._reference[i]
+            resident = self._resident[i] if self._resident is not None else None
+            if resident is not None and (tensors[0].device == reference.device
+                                         or (previous is not None and previous[i] is None)):
+                rows, blocks = resident.rows, resident.blocks[k]
+                torch._foreach_copy_(resident.current, tensors)  # the padding stays zero
+            else:
+                scratch = torch.empty(k, reference.numel(), dtype=_work_dtype(reference.dtype),
+                                      device=reference.device)
+                rows, blocks = scratch.unbind(), scratch.view(k, -1, _BLOCK)
+                _flatten_into(rows[0], tensors)
+            torch.sub(rows[0], reference, out=rows[1])
+            if previous is not None:
+                if previous[i] is None:  # the pre-step copy is in the resident buffer's row 2
+                    rows[2].sub_(rows[0])
+                else:
+                    torch.sub(rows[0], previous[i], out=rows[2])
+            norms.append(_norms(blocks))
+        if len(norms) == 1:
+            return norms[0]
+        return torch.stack(norms).square().sum(0).sqrt()
 
     def _fit(self, t: float, distance: float) -> dict[str, float]:
         """Add ``(t, distance)`` to the sliding window and fit its log-log line (reused while unchanged)."""
@@ -399,7 +516,7 @@ class WeightDiffusionLogic(ProbeLogic):
         # factor above the last), so the window is trimmed from the front.
         points = self._points
         if t >= self.t_min and distance > 0 and (not points or t >= points[-1][0] * _FIT_SPACING):
-            points.append((t, distance))
+            points.append((t, distance, math.log(t), math.log(distance)))
         if self.window is not None and points:
             cut = points[-1][0] / 10.0**self.window
             first = 0
@@ -416,7 +533,7 @@ class WeightDiffusionLogic(ProbeLogic):
         key = (points[0], points[-1], usable)
         cached = self.__dict__.get("_fit_cache")
         if cached is None or cached[0] != key:
-            slope, _, r2, _ = loglog_line([math.log(s) for s, _ in points], [math.log(d) for _, d in points])
+            slope, _, r2, _ = loglog_line([p[2] for p in points], [p[3] for p in points])
             cached = self.__dict__["_fit_cache"] = (key, {"exponent": slope, "exponent_r2": r2,
                                                           "fit_points": usable, "fit_t_start": points[0][0]})
         return cached[1]
@@ -431,7 +548,7 @@ class WeightDiffusionLogic(ProbeLogic):
             # Per parameter (views of the flat buffers: torch.save writes each buffer once), so a
             # checkpoint does not depend on how the parameters are grouped.
             "reference": [r.cpu() for r in self.reference.values()],
-            "points": [[t, d] for t, d in self._points],
+            "points": [[p[0], p[1]] for p in self._points],
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -442,4 +559,4 @@ class WeightDiffusionLogic(ProbeLogic):
                              f"{type(self).__name__} has reference_step={self.reference_step}")
         device = self.reference_device or torch.device("cpu")  # the model's device is set at the first copy
         self._set_reference(list(state["names"]), list(state["reference"]), device)
-        self._points = [(float(t), float(d)) for t, d in state.get("points", [])]
+        self._points = [(float(t), float(d), math.log(t), math.log(d)) for t, d in state.get("points", [])]

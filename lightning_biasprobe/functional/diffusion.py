@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import mul
 from typing import Optional, Union
 
 import numpy as np
@@ -70,15 +71,16 @@ def loglog_line(x: Union[Sequence[float], np.ndarray], y: Union[Sequence[float],
         slope = sxy / sxx if sxx > 0 else 0.0
         residual = yc - slope * xc
         ss_res = float(residual @ residual)
-    else:
+    else:  # map(mul, ...) feeds fsum without a Python frame per term
         x_mean, y_mean = math.fsum(x) / n, math.fsum(y) / n
         xc = [float(v) - x_mean for v in x]
         yc = [float(v) - y_mean for v in y]
-        sxx = math.fsum(a * a for a in xc)
-        sxy = math.fsum(a * b for a, b in zip(xc, yc))
-        syy = math.fsum(b * b for b in yc)
+        sxx = math.fsum(map(mul, xc, xc))
+        sxy = math.fsum(map(mul, xc, yc))
+        syy = math.fsum(map(mul, yc, yc))
         slope = sxy / sxx if sxx > 0 else 0.0
-        ss_res = math.fsum((b - slope * a) ** 2 for a, b in zip(xc, yc))
+        residual = [b - slope * a for a, b in zip(xc, yc)]
+        ss_res = math.fsum(map(mul, residual, residual))
     if sxx <= 0:
         raise ValueError("the points must span more than one time t to fit an exponent")
     r2 = 1.0 - ss_res / syy if syy > 0 else 1.0
