@@ -408,7 +408,7 @@ def test_flat_groups_give_the_exact_float64_sums(monkeypatch, group, resident):
 
     monkeypatch.setattr(diffusion, "_GROUP_ELEMENTS", group)
     if not resident:
-        monkeypatch.setattr(diffusion, "_RESIDENT_ELEMENTS", 0)
+        monkeypatch.setattr(diffusion, "_RESIDENT_BYTES", 0)
     g = torch.Generator().manual_seed(0)
     model = _Mixed(g)
     probe = WeightDiffusion()

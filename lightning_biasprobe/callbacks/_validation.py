@@ -156,7 +156,7 @@ class ValidationAccumulation:
             self.fail(step, err)
             return None
         finally:  # (a measurement made inside the plan counted itself: count the whole once)
-            self._probe_seconds = spent + time.perf_counter() - started
+            self.spend(time.perf_counter() - started - (self._probe_seconds - spent))
 
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:

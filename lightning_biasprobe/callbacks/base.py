@@ -35,6 +35,11 @@ ProbeData = Union[None, str, Tensor, tuple, list, dict, Iterable]
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
+# Seconds spent by every probe of this process: a probe's training clock (for its budget) leaves out
+# what any probe spent inside a training batch, its own pre-step work and the others' measurements
+# made in hooks that Lightning calls between this probe's batch start and batch end.
+_all_probes_seconds = [0.0]
+
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter (or buffer); a LightningModule's ``device`` otherwise."""
@@ -216,6 +221,7 @@ class ProbeLogic:
         self._train_seconds = 0.0
         self._probe_seconds = 0.0
         self._batch_t0: Optional[float] = None
+        self._others_t0 = 0.0
         self._warned: set[str] = set()
         self._histograms: list[tuple[str, Tensor]] = []
 
@@ -301,7 +307,7 @@ class ProbeLogic:
             self.fail(step, err)
             return None
         finally:
-            self._probe_seconds += time.perf_counter() - started
+            self.spend(time.perf_counter() - started)
         values["seconds"] = time.perf_counter() - started
         return values
 
@@ -334,6 +340,7 @@ class ProbeLogic:
         """Count ``seconds`` of this probe's work done outside :meth:`run_measurement` in its budget
         (e.g. a copy taken in another hook)."""
         self._probe_seconds += seconds
+        _all_probes_seconds[0] += seconds
 
     def record(self, trainer: Any, step: int, values: Mapping[str, Union[float, Tensor]], seconds: float,
                seconds_key: str = "seconds") -> bool:
@@ -398,10 +405,12 @@ class ProbeLogic:
                     self._maybe_measure(trainer, pl_module, force=True)
         if self.cadence.max_overhead is not None:  # the training clock serves the budget only
             self._batch_t0 = time.perf_counter()  # after any measurement: the budget counts training only
+            self._others_t0 = _all_probes_seconds[0]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_t0 is not None:
-            self._train_seconds += time.perf_counter() - self._batch_t0
+            probes = _all_probes_seconds[0] - self._others_t0
+            self._train_seconds += time.perf_counter() - self._batch_t0 - probes
             self._batch_t0 = None
         step = self._global_step.read(trainer)
         # Asked at every step: below the next step the cadence can be due at, one comparison.

@@ -20,11 +20,11 @@ _FIT_SPACING = 10.0 ** (1.0 / FIT_POINTS_PER_DECADE)
 
 
 _GROUP_ELEMENTS = 1 << 22  # 4M entries per flat buffer: the measurement's scratch stays <= 48 MiB
-_BLOCK = 256  # entries per partial sum of squares (see _sums_of_squares)
+_BLOCK = 256  # entries per partial sum of squares (see _norms)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# A model with at most this many trainable entries keeps its measurement's working buffer (3 rows,
-# <= 12 MiB in float32) between points; a larger one allocates it per point and frees it.
-_RESIDENT_ELEMENTS = 1 << 20
+# A model whose measurement's working buffers (3 rows of its trainable entries) fit in this many bytes
+# keeps them between points (2.8M float32 entries, 1.4M float64); a larger one allocates them per point.
+_RESIDENT_BYTES = 32 << 20
 
 # What the step about to be taken ends at (see _copy_due).
 _NOT_MEASURED, _SCHEDULED, _FORCED = 0, 1, 2
@@ -290,7 +290,7 @@ class WeightDiffusionLogic(ProbeLogic):
     def _make_resident(self) -> None:
         """Working buffers beside the reference, kept between points, if the model is small."""
         self._resident = None
-        if sum(r.numel() for r in self._reference) <= _RESIDENT_ELEMENTS:
+        if sum(3 * r.numel() * _work_dtype(r.dtype).itemsize for r in self._reference) <= _RESIDENT_BYTES:
             self._resident = [_Resident(self._shapes[a:b], r.numel(), _work_dtype(r.dtype), r.device)
                               for r, (a, b) in zip(self._reference, self._ranges)]
 
