@@ -39,3 +39,16 @@ def test_python_dash_m_entry_point(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tensorboard --logdir" in result.stdout and "biasprobe/gc/logits" in result.stdout
     assert not (tmp_path / "report").exists()  # --no-report
+
+
+def test_the_demo_keeps_the_default_schedules_without_their_budgets():
+    from lightning_biasprobe.cli.demo import default_probes
+
+    budgeted = [cls for cls in lb.ALL_PROBES if "max_overhead" in cls.default_cadence]
+    assert {cls.__name__ for cls in budgeted} >= {"GeometricComplexity", "FunctionFrequency", "WeightDiffusion"}
+    for shown, kept in zip(default_probes(), default_probes(budgets=True)):
+        expected = {k: v for k, v in type(shown).default_cadence.items() if k != "max_overhead"}
+        assert shown.cadence.max_overhead is None
+        assert kept.cadence.max_overhead == type(kept).default_cadence.get("max_overhead")
+        for key, value in expected.items():
+            assert getattr(shown.cadence, key) == getattr(kept.cadence, key) == value

@@ -64,11 +64,25 @@ def demo_module(lr: float = 0.1, width: int = 128):
     return DigitsMLP()
 
 
-def default_probes() -> list:
-    """One instance of every probe the package has, at its default settings."""
+def default_probes(budgets: bool = False) -> list:
+    """One instance of every probe the package has, at its default settings; without their default
+    overhead budgets unless ``budgets``.
+
+    The demo is a showcase on a toy whose training steps take about a millisecond: there a budget
+    binds hard (one point of most probes costs more than several steps, and ten probes share one
+    run), and the curves the demo is there to show would be thinned to a few points. The schedule
+    each budget thins is kept (e.g. every epoch); a real run keeps the budgets.
+    """
     from .. import ALL_PROBES
 
-    return [cls() for cls in ALL_PROBES]
+    probes = []
+    for cls in ALL_PROBES:
+        cadence = dict(cls.default_cadence)
+        if budgets or cadence.pop("max_overhead", None) is None:
+            probes.append(cls())
+        else:
+            probes.append(cls(**cadence))  # an explicit schedule has no budget
+    return probes
 
 
 def run_demo(out: str = "biasprobe_logs", epochs: int = 20, batch_size: int = 64, seed: int = 0,
