@@ -438,6 +438,69 @@ def test_flat_groups_give_the_exact_float64_sums(monkeypatch, group, resident):
         torch.testing.assert_close(ref.double(), start[int(name.split(".")[-1])], rtol=0, atol=0)
 
 
+class _Large(nn.Module):
+    """A parameter that spans several chunks (of 512 in the test) beside small ones of three dtypes."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        super().__init__()
+        shapes = [(7, 5), (40, 30), (100,), (3, 4, 2), (5, 5), (1,)]
+        dtypes = [torch.float32, torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float32]
+        self.params = nn.ParameterList(nn.Parameter(torch.randn(s, generator=g).to(d)) for s, d in zip(shapes, dtypes))
+
+
+@pytest.mark.parametrize("with_update", [True, False])
+def test_large_models_are_measured_in_chunks_through_one_kept_buffer(monkeypatch, with_update):
+    """Beyond the resident size, groups and the slices of a parameter larger than a chunk go through
+    one buffer of three chunk-long rows: the same float64-exact sums, no per-point allocation."""
+    from lightning_biasprobe.callbacks import diffusion
+
+    monkeypatch.setattr(diffusion, "_RESIDENT_BYTES", 0)
+    monkeypatch.setattr(diffusion, "_CHUNK", 512)
+    monkeypatch.setattr(diffusion, "_GROUP_ELEMENTS", 512)
+    g = torch.Generator().manual_seed(0)
+    model = _Large(g)
+    probe = WeightDiffusion()
+    probe.capture_reference(model)
+    assert probe._resident is None and [r.numel() for r in probe._reference][1] == 1280  # 1200, padded
+    start = [p.detach().double().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g).to(p.dtype))
+        before = [p.detach().double().clone() for p in model.parameters()]
+        if with_update:
+            probe.copy_before_step(model, 3)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+    after = [p.detach().double() for p in model.parameters()]
+    for step in (3, 4):  # twice: the kept buffer's leftovers (the last chunk's padding) do not leak
+        values = probe.run_measurement(model, step)
+
+        def norm(xs):
+            return math.sqrt(sum(float(x.pow(2).sum()) for x in xs))
+
+        assert values["weight_norm"] == pytest.approx(norm(after), rel=1e-7)  # float32 sums of 256 squares
+        assert values["distance"] == pytest.approx(norm([a - b for a, b in zip(after, start)]), rel=1e-7)
+        assert ("update_size" in values) == (with_update and step == 3)
+        if "update_size" in values:
+            assert values["update_size"] == pytest.approx(norm([a - b for a, b in zip(after, before)]), rel=1e-7)
+    assert {tuple(w.shape) for w in probe._chunk_work.values()} == {(3, 512)}
+    assert {w.dtype for w in probe._chunk_work.values()} == {torch.float32, torch.float64}
+
+
+def test_a_large_model_in_a_fit_drops_its_chunk_buffer_at_the_end(monkeypatch):
+    from lightning_biasprobe.callbacks import diffusion
+
+    monkeypatch.setattr(diffusion, "_RESIDENT_BYTES", 0)
+    monkeypatch.setattr(diffusion, "_CHUNK", 256)
+    u = torch.linspace(-1, 1, 600, dtype=torch.float64) * 0.01
+    probe = WeightDiffusion(every_n_steps=5)
+    walk(probe, 20, "ballistic", dim=600, u=u)
+    distance = values(probe, "distance")
+    assert all(distance[s] == pytest.approx(s * float(u.norm()), rel=1e-12) for s in (5, 10, 15, 20))
+    assert all(v == pytest.approx(float(u.norm()), rel=1e-9) for s, v in values(probe, "update_size").items() if s)
+    assert "_chunk_work" not in probe.__dict__
+
+
 @pytest.mark.parametrize("width", [100, 1024])  # 26k and 1M entries
 def test_float32_distance_is_accurate_where_one_float32_reduction_is_not(width):
     """Equal float32 differences (their rounding errors all point the same way): the blocked sums stay

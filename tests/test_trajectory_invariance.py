@@ -46,6 +46,16 @@ def test_every_probe_at_every_step_leaves_training_bit_identical(accumulate):
         assert probe.failures == 0
 
 
+def test_every_probe_at_its_defaults_budgets_included_leaves_training_bit_identical():
+    """The default cadences, with the budgets that thin them (points and pre-step copies skipped or
+    made depending on measured times), change nothing either."""
+    baseline = fit([])
+    probes = every_probe(num_samples=48)
+    assert any(p.cadence.max_overhead is not None for p in probes)
+    assert_identical(baseline, fit(probes))
+    assert all(p.measured_steps[0] == 0 and p.measured_steps[-1] >= 11 and p.failures == 0 for p in probes)
+
+
 def test_capture_from_a_shuffling_loader_with_its_own_generator_and_frozen_modules():
     baseline = fit([], generator_seed=123, frozen=True)
     probes = every_probe(every_n_steps=2)
