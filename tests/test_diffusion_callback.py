@@ -498,7 +498,7 @@ def test_a_large_model_in_a_fit_drops_its_chunk_buffer_at_the_end(monkeypatch):
     distance = values(probe, "distance")
     assert all(distance[s] == pytest.approx(s * float(u.norm()), rel=1e-12) for s in (5, 10, 15, 20))
     assert all(v == pytest.approx(float(u.norm()), rel=1e-9) for s, v in values(probe, "update_size").items() if s)
-    assert "_chunk_work" not in probe.__dict__
+    assert probe._chunk_work == {}
 
 
 @pytest.mark.parametrize("width", [100, 1024])  # 26k and 1M entries

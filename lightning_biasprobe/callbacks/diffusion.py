@@ -26,7 +26,7 @@ _CHUNK = 1 << 20
 _GROUP_ELEMENTS = _CHUNK  # a run of same-dtype tensors flattened into one buffer fills at most a chunk
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # A model whose measurement's working buffers (3 rows of its trainable entries) fit in this many bytes
-# keeps them between points (2.8M float32 entries, 1.4M float64); a larger one allocates them per point.
+# keeps them between points (2.8M float32 entries, 1.4M float64); a larger one is measured in chunks.
 _RESIDENT_BYTES = 32 << 20
 
 # What the step about to be taken ends at (see _copy_due).
@@ -153,8 +153,7 @@ class WeightDiffusionLogic(ProbeLogic):
 
     Memory: one copy of the trainable parameters (the reference, on ``reference_device``, CPU by
     default, kept flat: one buffer per run of same-dtype parameters of at most 1M entries, or per
-    larger parameter). The
-    per-step update needs the weights before the step: they are copied (in
+    larger parameter). The per-step update needs the weights before the step: they are copied (in
     ``on_before_optimizer_step``) only before steps that will be measured — a scheduled step within
     the budget, the end of an epoch that is measured, the last epoch's last batch, ``max_steps``.
     A model whose working buffers (three rows of its entries: the weights, both differences) fit in
@@ -176,9 +175,9 @@ class WeightDiffusionLogic(ProbeLogic):
     pre-step copy (:math:`O(P)`, plus a device-to-host copy when the reference is on the CPU and the
     model on a GPU); no forward or backward pass and no probe data. Between points, three checks
     per training step of about a microsecond each. Measured (``benchmarks/bench_dynamics.py``, one
-    CPU thread): a measured step (pre-step copy + measurement) costs 0.085 of a plain training step
-    of the demo MLP (26k parameters, 0.034 ms), 0.10 of one of a 1.1M-parameter MLP and 0.22 of one
-    of a 17M-parameter MLP (43 ms, of which the measurement is 9 ms: in chunks; 95 ms before).
+    CPU thread): a measured step (pre-step copy + measurement) costs 0.082 of a plain training step
+    of the demo MLP (26k parameters, 0.033 ms), 0.105 of one of a 1.1M-parameter MLP and 0.22 of one
+    of a 17M-parameter MLP (44 ms, of which the measurement is 9 ms: in chunks; 95 ms before).
 
     Default cadence: log-spaced steps ``floor(5 * 1.25**k)`` (about 10 points per decade, enough
     for a log-log fit over a one-decade window), at the start and at the end, thinned by a budget:
@@ -186,9 +185,9 @@ class WeightDiffusionLogic(ProbeLogic):
     of the training steps' time (``max_overhead=0.005``; its points, copies and logging count). The
     other half of the 1 % goal is for what no budget can skip: the checks at every step and the
     first and last points. Over Lightning fits of the demo task (TensorBoard, validation every
-    epoch) the time inside the probe's hooks is 0.79 % of the 460-step demo (8 of its 23 log-spaced
-    points made), 0.43 % of the same run 5x longer (15 of 30) and 0.66 % with a 1.1M-parameter MLP
-    (9 of 23); on every log-spaced step without the budget it is 1.26 %, 0.51 % and 1.28 %. The
+    epoch) the time inside the probe's hooks is 0.82 % of the 460-step demo (8 of its 23 log-spaced
+    points made), 0.41 % of the same run 5x longer (15 of 30) and 0.70 % with a 1.1M-parameter MLP
+    (9 of 23); on every log-spaced step without the budget it is 1.39 %, 0.49 % and 1.34 %. The
     points skipped are early ones: a measured step costs about a tenth of a training step (both are
     :math:`O(P)`, their ratio set mostly by the batch size), so the budget allows a point every 20
     steps or so, and log-spaced steps are that far apart only from about step 100 on. Pass
@@ -252,6 +251,7 @@ class WeightDiffusionLogic(ProbeLogic):
         # (t, distance, log t, log distance) inside the fit window: logarithms taken once per point
         self._points: list[tuple[float, float, float, float]] = []
         self._resident: Optional[list[_Resident]] = None  # working buffers kept between points (small models)
+        self._chunk_work: dict[tuple, Tensor] = {}  # a large model's: (dtype, device) -> 3 rows of _CHUNK
         # Weights before a measured step, per group: a flat copy, or None where the group's resident
         # buffer holds them.
         self._previous: Optional[list[Optional[Tensor]]] = None
@@ -455,7 +455,7 @@ class WeightDiffusionLogic(ProbeLogic):
         super().on_train_end(trainer, pl_module)
         self._previous, self._previous_step, self._previous_params = None, -1, None
         self._owners = self._owners_of = None  # no reference to the model after the fit
-        self.__dict__.pop("_chunk_work", None)  # a large model's working buffer: not kept after training
+        self._chunk_work.clear()  # a large model's working buffer is not kept after training
 
     def claim_step(self, step: int, force: bool = False) -> bool:
         if step == self._previous_step:
@@ -536,11 +536,10 @@ class WeightDiffusionLogic(ProbeLogic):
         95 ms with the whole group's rows allocated at each point, 12 ms in chunks.
         """
         dtype = _work_dtype(reference.dtype)
-        work = self.__dict__.setdefault("_chunk_work", {})
         key = (dtype, reference.device)
-        if key not in work:
-            work[key] = torch.empty(3, _CHUNK, dtype=dtype, device=reference.device)
-        scratch, length = work[key], reference.numel()
+        if key not in self._chunk_work:
+            self._chunk_work[key] = torch.empty(3, _CHUNK, dtype=dtype, device=reference.device)
+        scratch, length = self._chunk_work[key], reference.numel()
         if len(tensors) > 1:  # a run of small tensors: one chunk (a group fills at most one)
             if length > _CHUNK:  # only if _GROUP_ELEMENTS was raised above _CHUNK
                 scratch = torch.empty(3, length, dtype=dtype, device=reference.device)
